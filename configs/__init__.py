@@ -1,0 +1,1 @@
+"""The bundled presets (TOML), installed as dedup.configs."""

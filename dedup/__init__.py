@@ -1,0 +1,1 @@
+"""dedup: find and remove duplicate and near-duplicate images in training sets."""

@@ -1,0 +1,56 @@
+"""The records that flow between stages: shards in, samples out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class ShardKind(StrEnum):
+    """How a shard is laid out on disk; chooses the reader."""
+
+    WEBDATASET = "webdataset"  # img2dataset output_format=webdataset: NNNNN.tar (+ NNNNN.parquet)
+    I2D_PARQUET = "img2dataset-parquet"  # img2dataset output_format=parquet: NNNNN.parquet with a `jpg` column
+    I2D_FILES = "img2dataset-files"  # img2dataset output_format=files: NNNNN/ with key.jpg/.txt/.json
+    FOLDER = "folder"  # a batch of image paths from a plain folder tree
+    LAION_METADATA = "laion-metadata"  # parquet of URL, TEXT, ... without image bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One unit of work, parallelism and checkpointing.
+
+    ``shard_id`` is unique within a run and stable across runs over the same inputs (it names the
+    checkpoint). ``stamp`` changes when the underlying file changes (size, mtime), so a rerun
+    recomputes a shard whose input was replaced. ``members`` lists the files of a folder batch.
+    """
+
+    source: str  # the SOURCE argument this shard came from, as the user gave it
+    path: str  # fsspec path or URL of the shard file (or of the folder, for folder batches)
+    kind: ShardKind
+    shard_id: str  # e.g. "00000.tar", "photos/part-00003"; safe to use in a file name after quoting
+    stamp: str = ""
+    members: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Sample:
+    """One input sample, as read; the reader never drops one.
+
+    ``sample_id`` is stable (shard + key, or the path relative to the source). ``data`` holds the
+    encoded image, or ``None`` when there is none (metadata-only source, failed download, missing
+    member). A reader that already knows the sample is unusable sets ``status="failed"`` and a
+    one-line ``error`` (img2dataset's own ``error_message`` for failed downloads).
+    """
+
+    sample_id: str
+    key: str
+    data: bytes | None = None
+    url: str | None = None
+    caption: str | None = None
+    width: int | None = None  # as the metadata says; the decoder's size wins when there is one
+    height: int | None = None
+    status: str = "ok"  # "ok" | "failed"
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # other metadata (aesthetic, similarity, ...)

