@@ -1,0 +1,213 @@
+"""Candidate links between samples: faiss range search on embeddings and hashes, exact keys.
+
+Every function returns :class:`Edges` — pairs ``i < j`` of global row numbers, a score in
+[0, 1] and the signal that made the link — so the cluster stage never needs to know where a
+link came from, and the manifest can always say. Searches run in blocks of queries, so memory
+grows with the block and the number of links found, never with N².
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import faiss
+import numpy as np
+
+
+class Signal(IntEnum):
+    """What made a link. Codes are stored in edge files; names are what the manifest shows."""
+
+    EXACT_BYTES = 0
+    EXACT_PIXELS = 1
+    EMBEDDING = 2
+    PDQ = 3
+    PHASH = 4
+    URL = 5
+    CAPTION = 6
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Edges:
+    """Undirected links ``i < j`` with a similarity ``score`` and the ``signal`` that made them.
+
+    For embeddings the score is the cosine similarity; for hashes it is ``1 - distance / bits``;
+    exact, URL and caption links score 1.
+    """
+
+    i: np.ndarray  # int64
+    j: np.ndarray  # int64
+    score: np.ndarray  # float32
+    signal: np.ndarray  # int8 (Signal codes)
+
+    @classmethod
+    def empty(cls) -> Edges:
+        return cls(
+            np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.int8)
+        )
+
+    @classmethod
+    def of(cls, i: np.ndarray, j: np.ndarray, score: np.ndarray, signal: Signal) -> Edges:
+        i = np.asarray(i, np.int64)
+        j = np.asarray(j, np.int64)
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        keep = lo != hi
+        return cls(
+            lo[keep],
+            hi[keep],
+            np.asarray(score, np.float32)[keep],
+            np.full(int(keep.sum()), int(signal), np.int8),
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Edges]) -> Edges:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        return cls(
+            np.concatenate([p.i for p in parts]),
+            np.concatenate([p.j for p in parts]),
+            np.concatenate([p.score for p in parts]),
+            np.concatenate([p.signal for p in parts]),
+        )
+
+    def __len__(self) -> int:
+        return int(self.i.shape[0])
+
+    def counts_by_signal(self) -> dict[str, int]:
+        codes, counts = np.unique(self.signal, return_counts=True)
+        return {Signal(int(c)).label: int(n) for c, n in zip(codes, counts, strict=True)}
+
+
+Progress = Callable[[int], object]
+
+
+def _blocks(n: int, block_size: int) -> range:
+    return range(0, n, max(1, block_size))
+
+
+def embedding_edges(
+    vectors: np.ndarray,
+    *,
+    threshold: float,
+    rows: np.ndarray | None = None,
+    block_size: int = 16384,
+    count_at: Sequence[float] = (),
+    progress: Progress | None = None,
+) -> tuple[Edges, dict[float, tuple[int, int]]]:
+    """All pairs with inner product ``>= threshold`` among L2-normalised ``vectors``.
+
+    ``rows`` maps each vector to its global row number (default: its position). The search
+    runs at the lowest of ``threshold`` and ``count_at`` so the report can give, for each level
+    in ``count_at``, ``(pairs, samples with at least one such neighbour)`` without a second pass;
+    only links at ``threshold`` are returned. Exact: a flat index, blocked over queries.
+    """
+    n = int(vectors.shape[0])
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    levels = sorted(set(float(t) for t in count_at))
+    counts = {t: [0, np.zeros(n, bool)] for t in levels}
+    if n < 2:
+        return Edges.empty(), {t: (0, 0) for t in levels}
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    low = min([threshold, *levels])
+    # faiss keeps scores strictly above the radius; step just below so ">= threshold" holds.
+    radius = float(np.nextafter(np.float32(low), np.float32(-np.inf)))
+    found: list[Edges] = []
+    for start in _blocks(n, block_size):
+        stop = min(n, start + block_size)
+        lims, dist, idx = index.range_search(x[start:stop], radius)
+        q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims.astype(np.int64)))
+        upper = idx > q  # each unordered pair once, no self-pairs
+        q, idx, dist = q[upper], idx[upper], dist[upper]
+        for t in levels:
+            hit = dist >= t
+            counts[t][0] += int(hit.sum())
+            counts[t][1][q[hit]] = True
+            counts[t][1][idx[hit]] = True
+        keep = dist >= threshold
+        found.append(Edges.of(rows[q[keep]], rows[idx[keep]], dist[keep], Signal.EMBEDDING))
+        if progress is not None:
+            progress(stop - start)
+    summary = {t: (int(c[0]), int(c[1].sum())) for t, c in counts.items()}
+    return Edges.concat(found), summary
+
+
+def hamming_edges(
+    codes: np.ndarray,
+    *,
+    max_distance: int,
+    signal: Signal,
+    rows: np.ndarray | None = None,
+    block_size: int = 16384,
+) -> Edges:
+    """All pairs of binary codes (``uint8`` rows, packed bits) within ``max_distance`` bits."""
+    n = int(codes.shape[0])
+    if n < 2 or max_distance < 0:
+        return Edges.empty()
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    x = np.ascontiguousarray(codes, dtype=np.uint8)
+    bits = x.shape[1] * 8
+    index = faiss.IndexBinaryFlat(bits)
+    index.add(x)
+    found: list[Edges] = []
+    for start in _blocks(n, block_size):
+        stop = min(n, start + block_size)
+        # faiss keeps distances strictly below the radius.
+        lims, dist, idx = index.range_search(x[start:stop], max_distance + 1)
+        q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims.astype(np.int64)))
+        upper = idx > q
+        q, idx, dist = q[upper], idx[upper], np.asarray(dist[upper], np.float32)
+        found.append(Edges.of(rows[q], rows[idx], 1.0 - dist / bits, signal))
+    return Edges.concat(found)
+
+
+def exact_edges(values: Sequence[object], *, signal: Signal) -> Edges:
+    """Link every sample whose value equals an earlier one's to the first holder of that value.
+
+    ``None`` and empty values never match. A star per group (not all pairs) is enough for
+    connectivity and keeps the edge count linear.
+    """
+    first: dict[object, int] = {}
+    i: list[int] = []
+    j: list[int] = []
+    for row, value in enumerate(values):
+        if value is None or value == "" or value == b"":
+            continue
+        head = first.setdefault(value, row)
+        if head != row:
+            i.append(head)
+            j.append(row)
+    return Edges.of(np.array(i, np.int64), np.array(j, np.int64), np.ones(len(i), np.float32), signal)
+
+
+_PUNCT = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalise_caption(text: str | None) -> str | None:
+    """Case-, accent-, punctuation- and whitespace-insensitive form of a caption (None if empty)."""
+    if not text:
+        return None
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode() or text
+    norm = _PUNCT.sub(" ", folded.casefold()).strip()
+    return norm or None
+
+
+def normalise_url(url: str | None) -> str | None:
+    """The URL with surrounding space and a trailing slash removed (None if empty)."""
+    if not url:
+        return None
+    return url.strip().rstrip("/") or None
+
+
+def pack_uint64(values: np.ndarray) -> np.ndarray:
+    """64-bit hashes (as unsigned ints) to big-endian packed bytes, the layout faiss wants."""
+    return np.asarray(values, dtype=">u8").view(np.uint8).reshape(-1, 8)
