@@ -1,0 +1,77 @@
+"""What every executor does: run a step over shards, skip finished ones, merge their stats.
+
+A step is any picklable callable ``step(shard) -> dict`` (summable stats) that writes its own
+outputs atomically. The executor owns everything else: which shards still need work (a
+completion marker per shard, written last, holding the shard's stamp and stats), retries, and
+reporting progress. Steps never import an engine, so the local and Ray executors run the very
+same step objects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from dedup._io import atomic_write_text
+from dedup._types import Shard
+
+Step = Callable[[Shard], dict[str, Any]]
+OnDone = Callable[[Shard, dict[str, Any]], object]
+
+
+def shard_file_name(shard: Shard) -> str:
+    """A file-name-safe, reversible form of a shard id."""
+    return quote(shard.shard_id, safe="")
+
+
+class Markers:
+    """Completion markers: ``<dir>/<shard>.done.json`` with the shard's stamp and stats."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, shard: Shard) -> Path:
+        return self.directory / f"{shard_file_name(shard)}.done.json"
+
+    def read(self, shard: Shard) -> dict[str, Any] | None:
+        """The stats of a finished shard, or None if it must (re)run."""
+        try:
+            marker = json.loads(self.path(shard).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if marker.get("stamp") != shard.stamp or marker.get("shard_id") != shard.shard_id:
+            return None
+        stats: dict[str, Any] = marker["stats"]
+        return stats
+
+    def write(self, shard: Shard, stats: dict[str, Any]) -> None:
+        body = {"shard_id": shard.shard_id, "stamp": shard.stamp, "stats": stats}
+        atomic_write_text(self.path(shard), json.dumps(body, sort_keys=True) + "\n")
+
+
+class Executor(Protocol):
+    """Runs ``step`` on every shard that has no valid marker; returns stats per shard id."""
+
+    def run(
+        self,
+        step: Step,
+        shards: Sequence[Shard],
+        *,
+        markers: Markers,
+        on_done: OnDone | None = None,
+    ) -> dict[str, dict[str, Any]]: ...
+
+
+def merge_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sum per-shard stats: numbers add up, nested dicts merge key by key."""
+    total: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                total[key] = merge_stats([total.get(key, {}), value])
+            elif isinstance(value, int | float):
+                total[key] = total.get(key, 0) + value
+    return total

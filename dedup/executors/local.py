@@ -1,0 +1,108 @@
+"""The default executor: this machine, one process or a pool of worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any
+
+from dedup._types import Shard
+from dedup.errors import DedupError
+from dedup.executors.base import Markers, OnDone, Step
+
+
+class ShardFailedError(DedupError):
+    """A shard's step raised (not a bad sample: those are rows) more often than retries allow."""
+
+
+class LocalExecutor:
+    """Runs shards in this process (``workers=1``) or in a pool of ``workers`` processes.
+
+    Worker processes start with ``spawn``: ONNX Runtime and faiss keep thread pools that do not
+    survive ``fork``. Each worker builds its model once (the step caches it) and then takes
+    shard after shard. Results are collected as they finish; markers are written by this
+    process, after the step's outputs are in place, so a crash never leaves a marker without
+    its outputs.
+    """
+
+    def __init__(self, workers: int = 1, retries: int = 1) -> None:
+        self.workers = max(1, workers)
+        self.retries = max(0, retries)
+
+    def run(
+        self,
+        step: Step,
+        shards: Sequence[Shard],
+        *,
+        markers: Markers,
+        on_done: OnDone | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        results: dict[str, dict[str, Any]] = {}
+        todo: list[Shard] = []
+        for shard in shards:
+            stats = markers.read(shard)
+            if stats is None:
+                todo.append(shard)
+            else:
+                results[shard.shard_id] = stats
+                if on_done is not None:
+                    on_done(shard, stats)
+        if self.workers == 1 or len(todo) <= 1:
+            for shard in todo:
+                stats = self._attempt_inline(step, shard)
+                self._finish(shard, stats, markers, results, on_done)
+            return results
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx) as pool:
+            attempts = {s.shard_id: 0 for s in todo}
+            pending: dict[Future[dict[str, Any]], Shard] = {pool.submit(step, s): s for s in todo}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    shard = pending.pop(fut)
+                    try:
+                        stats = fut.result()
+                    except Exception as err:
+                        attempts[shard.shard_id] += 1
+                        if attempts[shard.shard_id] > self.retries:
+                            for other in pending:
+                                other.cancel()
+                            raise _failed(shard, err) from err
+                        pending[pool.submit(step, shard)] = shard
+                        continue
+                    self._finish(shard, stats, markers, results, on_done)
+        return results
+
+    def _attempt_inline(self, step: Step, shard: Shard) -> dict[str, Any]:
+        for attempt in range(self.retries + 1):
+            try:
+                return step(shard)
+            except DedupError:
+                raise
+            except Exception as err:
+                if attempt == self.retries:
+                    raise _failed(shard, err) from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _finish(
+        shard: Shard,
+        stats: dict[str, Any],
+        markers: Markers,
+        results: dict[str, dict[str, Any]],
+        on_done: OnDone | None,
+    ) -> None:
+        markers.write(shard, stats)
+        results[shard.shard_id] = stats
+        if on_done is not None:
+            on_done(shard, stats)
+
+
+def _failed(shard: Shard, err: Exception) -> ShardFailedError:
+    if isinstance(err, DedupError):
+        return ShardFailedError(f"shard {shard.shard_id}: {err}")
+    return ShardFailedError(
+        f"shard {shard.shard_id} ({shard.path}) failed: {type(err).__name__}: {err}; "
+        "finished shards are kept: fix the cause and rerun the same command to resume"
+    )
