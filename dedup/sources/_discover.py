@@ -1,0 +1,345 @@
+"""Turn what the user typed (paths, URLs) into a stable list of shards."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dedup._types import Shard, ShardKind
+from dedup.errors import ConfigError, SourceError
+from dedup.sources._common import (
+    IMAGE_EXTENSIONS,
+    digest,
+    filesystem,
+    has_image_extension,
+    has_url_column,
+    image_column,
+    is_hidden,
+    is_local,
+    is_sidecar_schema,
+    split_name,
+    stamp,
+    url_of,
+)
+
+_SCHEMA_THREADS = 16
+# What a parquet footer says the file is; "sidecar" is img2dataset's per-shard status table.
+_ParquetKind = ShardKind | Literal["sidecar"] | None
+_WHAT_WE_READ = (
+    "img2dataset output (webdataset .tar, parquet, files), LAION metadata .parquet, "
+    f"or image files ({', '.join(IMAGE_EXTENSIONS)})"
+)
+
+
+def discover(sources: Sequence[str], *, folder_batch: int = 1000) -> list[Shard]:
+    """List the shards of ``sources``, in a stable order: sources as given, then by path.
+
+    Each source is a local path, a ``file://`` URL or any fsspec URL (``s3://``, ``gs://``,
+    ``http://`` ...), naming a folder or a single file. A folder may hold several kinds at
+    once (say, tars and loose images) and is searched recursively; dot-files and dot-folders
+    are skipped. ``shard_id`` is the shard's path relative to its source (``00000.tar``,
+    ``00000`` for a files folder, ``part-00000`` for a batch of loose images), prefixed with
+    ``s{index}/`` when several sources are given, so ids are unique in the run and stable
+    across runs.
+
+    Raises:
+        SourceError: a source does not exist, cannot be read, or holds nothing we can read.
+        MissingDependencyError: the URL's filesystem package (s3fs, gcsfs, ...) is missing.
+        ConfigError: ``folder_batch`` is not positive.
+    """
+    if isinstance(sources, str):  # a str is a Sequence[str] too: one source, not one per letter
+        sources = [sources]
+    if folder_batch < 1:
+        raise ConfigError(f"folder_batch must be at least 1, got {folder_batch}; hint: the default is 1000")
+    if not sources:
+        raise SourceError("no source given; hint: pass at least one folder, file or URL")
+    several = len(sources) > 1
+    shards: list[Shard] = []
+    for index, source in enumerate(sources):
+        prefix = f"s{index}/" if several else ""
+        shards.extend(_discover_source(source, prefix, folder_batch))
+    _check_unique(shards)
+    return shards
+
+
+def _discover_source(source: str, prefix: str, folder_batch: int) -> list[Shard]:
+    fs, root = filesystem(source)
+    if root != "/":
+        root = root.rstrip("/")
+    try:
+        info = fs.info(root)
+    except FileNotFoundError as err:
+        raise SourceError(
+            f"source {source!r} does not exist; hint: check the path (for a bucket URL, the "
+            "bucket name and your credentials)"
+        ) from err
+    except Exception as err:  # any filesystem's failure (auth, network): one clean message
+        raise SourceError(f"cannot read source {source!r}: {err}; hint: check permissions and credentials") from err
+    if info.get("type") == "directory":
+        shards = _discover_folder(fs, source, root, prefix, folder_batch)
+    else:
+        shards = _discover_file(fs, source, root, info, prefix)
+    return sorted(shards, key=lambda shard: shard.shard_id)
+
+
+def _discover_file(
+    fs: fsspec.AbstractFileSystem, source: str, path: str, info: Mapping[str, Any], prefix: str
+) -> list[Shard]:
+    """A single file given as the source: a tar, a parquet, or one image."""
+    name = posixpath.basename(path)
+    lower = name.lower()
+    if lower.endswith(".tar"):
+        sidecar = _info_or_none(fs, path[: -len(".tar")] + ".parquet")
+        return [_webdataset_shard(fs, source, path, prefix + name, info, sidecar)]
+    if lower.endswith(".parquet"):
+        kind = _parquet_kind(fs, path)
+        if kind is None:
+            raise SourceError(
+                f"{source!r} is a parquet file without image bytes or a url column; "
+                "hint: pass img2dataset parquet output or LAION metadata (URL, TEXT, ...)"
+            )
+        if kind == "sidecar":
+            stem = path[: -len(".parquet")]
+            if fs.exists(stem + ".tar") or fs.isdir(stem):
+                raise SourceError(
+                    f"{source!r} is img2dataset's sidecar of {posixpath.basename(stem)!r}, not a "
+                    "shard of its own; hint: pass the img2dataset output folder (or the .tar) instead"
+                )
+            kind = ShardKind.I2D_PARQUET
+        return [Shard(source, url_of(fs, path), kind, prefix + name, stamp(info))]
+    if has_image_extension(name):
+        parent = posixpath.dirname(path)
+        return [
+            Shard(
+                source,
+                url_of(fs, parent),
+                ShardKind.FOLDER,
+                f"{prefix}part-00000",
+                digest([name, stamp(info)]),
+                (name,),
+            )
+        ]
+    raise SourceError(f"{source!r} is not a file dedup can read; hint: pass a folder, or {_WHAT_WE_READ}")
+
+
+def _discover_folder(
+    fs: fsspec.AbstractFileSystem, source: str, root: str, prefix: str, folder_batch: int
+) -> list[Shard]:
+    """Classify one recursive listing of ``root`` into shards (no reads but parquet footers)."""
+    files, dirs = _listing(fs, source, root)
+    children: dict[str, list[str]] = {}
+    for rel in files:
+        parent, _, name = rel.rpartition("/")
+        children.setdefault(parent, []).append(name)
+
+    tars = {rel for rel in files if rel.lower().endswith(".tar")}
+    tar_stems = {rel[: -len(".tar")] for rel in tars}
+    parquets = sorted(rel for rel in files if rel.lower().endswith(".parquet"))
+    sidecars: set[str] = set()
+    files_dirs: set[str] = set()
+    for rel in parquets:
+        stem = rel[: -len(".parquet")]
+        if stem in tar_stems:
+            sidecars.add(rel)
+        elif stem in dirs and posixpath.basename(stem).isdigit():
+            sidecars.add(rel)
+            files_dirs.add(stem)
+    # A files folder whose sidecar is gone still looks like one: NNNNN/ with key.jpg + key.json.
+    root_name = posixpath.basename(root)
+    for rel in ["", *dirs]:
+        name = posixpath.basename(rel) if rel else root_name
+        if name.isdigit() and _has_image_json_pair(children.get(rel, ())):
+            files_dirs.add(rel)
+
+    shards: list[Shard] = []
+    for rel in sorted(tars):
+        sidecar = files.get(rel[: -len(".tar")] + ".parquet")
+        shards.append(_webdataset_shard(fs, source, _join(root, rel), prefix + rel, files[rel], sidecar))
+    for rel in sorted(files_dirs):
+        shards.append(_files_shard(fs, source, root, rel, root_name, prefix, files, children))
+    shards.extend(_parquet_shards(fs, source, root, prefix, [p for p in parquets if p not in sidecars], files))
+
+    images = sorted(rel for rel in files if has_image_extension(rel) and rel.rpartition("/")[0] not in files_dirs)
+    for number, start in enumerate(range(0, len(images), folder_batch)):
+        members = tuple(images[start : start + folder_batch])
+        shards.append(
+            Shard(
+                source,
+                url_of(fs, root),
+                ShardKind.FOLDER,
+                f"{prefix}part-{number:05d}",
+                digest(f"{rel}\0{stamp(files[rel])}" for rel in members),
+                members,
+            )
+        )
+    if not shards:
+        raise SourceError(
+            f"found nothing to read in {source!r} ({len(files)} files); hint: dedup reads {_WHAT_WE_READ}"
+        )
+    return shards
+
+
+def _listing(fs: fsspec.AbstractFileSystem, source: str, root: str) -> tuple[dict[str, Mapping[str, Any]], set[str]]:
+    """One recursive listing: ``({relative file path: info}, {relative dir path})``, hidden ones out."""
+    # Locally, an unreadable subfolder must fail loudly rather than vanish from the run.
+    options: dict[str, Any] = {"on_error": "raise"} if is_local(fs) else {}
+    try:
+        entries: dict[str, Mapping[str, Any]] = fs.find(root, withdirs=True, detail=True, **options)
+    except Exception as err:
+        raise SourceError(f"cannot list {source!r}: {err}; hint: check permissions and credentials") from err
+    base = root.rstrip("/") + "/"
+    files: dict[str, Mapping[str, Any]] = {}
+    dirs: set[str] = set()
+    for path, info in entries.items():
+        path = path.rstrip("/")
+        if not path.startswith(base):
+            continue  # the root itself
+        rel = path[len(base) :]
+        if not rel or is_hidden(rel):
+            continue
+        if info.get("type") == "directory":
+            dirs.add(rel)
+        else:
+            files[rel] = info
+    return files, dirs
+
+
+def _has_image_json_pair(names: Iterable[str]) -> bool:
+    """img2dataset's files layout: some ``key.json`` beside an image of the same key."""
+    json_keys: set[str] = set()
+    image_keys: set[str] = set()
+    for name in names:
+        key, field = split_name(name)
+        if field == "json":
+            json_keys.add(key)
+        elif has_image_extension(name):
+            image_keys.add(key)
+    return not json_keys.isdisjoint(image_keys)
+
+
+def _webdataset_shard(
+    fs: fsspec.AbstractFileSystem,
+    source: str,
+    path: str,
+    shard_id: str,
+    info: Mapping[str, Any],
+    sidecar: Mapping[str, Any] | None,
+) -> Shard:
+    """The stamp covers the sidecar too: replacing either file must recompute the shard."""
+    shard_stamp = stamp(info) if sidecar is None else f"{stamp(info)}+{stamp(sidecar)}"
+    return Shard(source, url_of(fs, path), ShardKind.WEBDATASET, shard_id, shard_stamp)
+
+
+def _files_shard(
+    fs: fsspec.AbstractFileSystem,
+    source: str,
+    root: str,
+    rel: str,
+    root_name: str,
+    prefix: str,
+    files: Mapping[str, Mapping[str, Any]],
+    children: Mapping[str, list[str]],
+) -> Shard:
+    """An img2dataset files folder; its stamp digests every file in it plus the sidecar."""
+    names = sorted(children.get(rel, ()))
+    in_folder = [f"{rel}/{name}" if rel else name for name in names]
+    parts = [f"{path}\0{stamp(files[path])}" for path in in_folder]
+    # The sidecar sits beside the folder: outside the listing when the folder is the source.
+    sidecar = files.get(f"{rel}.parquet") if rel else _info_or_none(fs, f"{root}.parquet")
+    if sidecar is not None:
+        parts.append(f"sidecar\0{stamp(sidecar)}")
+    shard_id = prefix + (rel or root_name)
+    return Shard(source, url_of(fs, _join(root, rel)), ShardKind.I2D_FILES, shard_id, digest(parts))
+
+
+def _parquet_shards(
+    fs: fsspec.AbstractFileSystem,
+    source: str,
+    root: str,
+    prefix: str,
+    parquets: list[str],
+    files: Mapping[str, Mapping[str, Any]],
+) -> list[Shard]:
+    """Classify stand-alone parquet files, reading only the footers we must.
+
+    ``NNNNN.parquet`` beside img2dataset's ``NNNNN_stats.json`` is img2dataset parquet output:
+    no read needed, which matters for thousands of shards on an object store. The others have
+    their footers read (concurrently when remote). Parquet files that are neither image nor
+    metadata tables (embeddings, say) are not samples and are passed over.
+    """
+    kinds: dict[str, _ParquetKind] = {}
+    to_inspect: list[str] = []
+    for rel in parquets:
+        if f"{rel[: -len('.parquet')]}_stats.json" in files:
+            kinds[rel] = ShardKind.I2D_PARQUET
+        else:
+            to_inspect.append(rel)
+    if to_inspect:
+        paths = [_join(root, rel) for rel in to_inspect]
+        if is_local(fs) or len(paths) == 1:
+            found = [_parquet_kind(fs, p) for p in paths]
+        else:
+            with ThreadPoolExecutor(min(_SCHEMA_THREADS, len(paths))) as pool:
+                found = list(pool.map(lambda p: _parquet_kind(fs, p), paths))
+        kinds.update(zip(to_inspect, found, strict=True))
+    shards: list[Shard] = []
+    for rel in parquets:
+        kind = kinds[rel]
+        if kind is None:
+            continue
+        # An orphaned sidecar (its tar or folder gone): read as rows, every success lacks bytes.
+        shard_kind = ShardKind.I2D_PARQUET if kind == "sidecar" else ShardKind(kind)
+        shards.append(Shard(source, url_of(fs, _join(root, rel)), shard_kind, prefix + rel, stamp(files[rel])))
+    return shards
+
+
+def _parquet_kind(fs: fsspec.AbstractFileSystem, path: str) -> _ParquetKind:
+    """Read one footer: image bytes, img2dataset sidecar (``"sidecar"``), metadata, or None."""
+    try:
+        with fs.open(path, "rb") as fh:
+            schema = pq.read_schema(fh)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise SourceError(
+            f"cannot read parquet file {url_of(fs, path)!r}: {err}; hint: it may be truncated or "
+            "not parquet: re-download it or move it out of the source folder"
+        ) from err
+    if image_column(schema) is not None:
+        return ShardKind.I2D_PARQUET
+    if is_sidecar_schema(schema):
+        return "sidecar"
+    if has_url_column(schema):
+        return ShardKind.LAION_METADATA
+    return None
+
+
+def _info_or_none(fs: fsspec.AbstractFileSystem, path: str) -> Mapping[str, Any] | None:
+    try:
+        info: Mapping[str, Any] = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return info
+
+
+def _join(root: str, rel: str) -> str:
+    if not rel:
+        return root
+    return f"{root.rstrip('/')}/{rel}"
+
+
+def _check_unique(shards: list[Shard]) -> None:
+    """Ids name checkpoints: a clash would silently share one. It takes odd names to get here
+    (a folder named ``part-00000`` holding img2dataset files beside loose images)."""
+    seen: set[str] = set()
+    for shard in shards:
+        if shard.shard_id in seen:
+            raise SourceError(
+                f"two shards would share the id {shard.shard_id!r}; hint: rename the folder or "
+                "file of that name, or pass the parts as separate sources"
+            )
+        seen.add(shard.shard_id)

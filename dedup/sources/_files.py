@@ -1,0 +1,140 @@
+"""Readers for inputs made of loose files: img2dataset's ``files`` output and plain image folders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+
+from dedup._types import Sample, Shard
+from dedup.errors import SourceError
+from dedup.sources._common import (
+    ENVIRONMENT_ERRORS,
+    READ_CHUNK,
+    Fields,
+    FileFetcher,
+    chunks,
+    decode_text,
+    failed_sample,
+    filesystem,
+    is_hidden,
+    map_fields,
+    parse_json,
+    pick_image_field,
+    read_error,
+    read_sidecar,
+    split_name,
+)
+
+MISSING = "missing from folder"
+NO_IMAGE = "no image file in folder"
+SIDECAR_KEY = "<sidecar>"
+
+
+def read_i2d_files(shard: Shard) -> Iterator[Sample]:
+    """Yield every sample of one img2dataset ``files`` subfolder (``NNNNN/``), in key order.
+
+    Each key's ``key.jpg`` (or png/webp), ``key.txt`` and ``key.json`` are grouped as in a
+    webdataset tar; the sidecar ``NNNNN.parquet`` beside the folder adds the failed downloads.
+    The folder is listed once and files are fetched in chunks, so the cost per sample is the
+    reads themselves. A folder that does not exist (img2dataset creates none on some object
+    stores when every download failed) is read as empty.
+    """
+    fs, path = filesystem(shard.path)
+    sidecar = read_sidecar(fs, path.rstrip("/") + ".parquet")
+    if sidecar.error is not None:
+        yield failed_sample(f"{shard.shard_id}/{SIDECAR_KEY}", SIDECAR_KEY, sidecar.error)
+    groups = _list_groups(fs, path, shard)
+    keys = sorted(set(groups) | set(sidecar.rows or ()))
+    with FileFetcher(fs) as fetcher:
+        for chunk in chunks(keys, READ_CHUNK):
+            plan: list[str] = []
+            for key in chunk:
+                members = groups.get(key, {})
+                image = pick_image_field(members)
+                for name in (image, "txt", "json"):
+                    if name is not None and name in members:
+                        plan.append(members[name])
+            contents = dict(zip(plan, fetcher.read(plan), strict=True))
+            for key in chunk:
+                yield _files_sample(shard, key, groups.get(key, {}), contents, sidecar.pop(key))
+
+
+def _list_groups(fs: fsspec.AbstractFileSystem, path: str, shard: Shard) -> dict[str, dict[str, str]]:
+    """One listing of the folder: ``{key: {field: file path}}``."""
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    except ENVIRONMENT_ERRORS as err:
+        raise SourceError(f"cannot list {shard.path!r}: {err}; hint: check permissions and retry") from err
+    groups: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        if entry.get("type") != "file":
+            continue
+        name = entry["name"].rstrip("/").rpartition("/")[2]
+        if is_hidden(name):
+            continue
+        key, field = split_name(name)
+        groups.setdefault(key, {})[field] = entry["name"]
+    return groups
+
+
+def _files_sample(
+    shard: Shard,
+    key: str,
+    members: dict[str, str],
+    contents: dict[str, bytes | OSError],
+    listed: Fields | None,
+) -> Sample:
+    sample_id = f"{shard.shard_id}/{key}"
+    record: dict[str, Any] = {}
+    if listed is not None:
+        record.update(listed.as_record())
+    meta = contents.get(members.get("json", ""))
+    if isinstance(meta, bytes):
+        record.update(parse_json(meta))
+    fields = map_fields(record)
+    text = contents.get(members.get("txt", ""))
+    if isinstance(text, bytes):
+        fields.caption = decode_text(text)
+    image = pick_image_field(members)
+    if image is None:
+        if listed is not None and not listed.succeeded:
+            return failed_sample(sample_id, key, listed.failure(), fields)
+        return failed_sample(sample_id, key, MISSING if listed is not None else NO_IMAGE, fields)
+    data = contents[members[image]]
+    if isinstance(data, OSError):
+        return failed_sample(sample_id, key, read_error(data), fields)
+    return Sample(
+        sample_id=sample_id,
+        key=key,
+        data=data,
+        url=fields.url,
+        caption=fields.caption,
+        width=fields.width,
+        height=fields.height,
+        extra=fields.extra,
+    )
+
+
+def read_folder(shard: Shard) -> Iterator[Sample]:
+    """Yield one sample per file of a folder batch, in the batch's (sorted) order.
+
+    The bytes are yielded whatever they hold: telling a corrupt image from a good one is the
+    decoder's job, and a corrupt file must show up in the manifest as such. A file that cannot
+    be read at all (deleted since discovery, no permission) becomes a failed sample.
+    """
+    fs, root = filesystem(shard.path)
+    root = root.rstrip("/")
+    # Folder batch ids are "part-00000" or "s1/part-00000": sample ids take the same prefix.
+    prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
+    with FileFetcher(fs) as fetcher:
+        for chunk in chunks(shard.members, READ_CHUNK):
+            for rel, data in zip(chunk, fetcher.read([f"{root}/{rel}" for rel in chunk]), strict=True):
+                sample_id = prefix + rel
+                if isinstance(data, OSError):
+                    yield failed_sample(sample_id, rel, read_error(data))
+                else:
+                    yield Sample(sample_id=sample_id, key=rel, data=data)

@@ -1,0 +1,124 @@
+"""Readers for parquet inputs: img2dataset's ``parquet`` output and LAION metadata.
+
+Both stream record batches (img2dataset writes row groups of 100 rows) so memory is bounded by
+a batch, never by the file: a LAION metadata part has tens of millions of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dedup._types import Sample, Shard
+from dedup.errors import SourceError
+from dedup.sources._common import (
+    ENVIRONMENT_ERRORS,
+    Fields,
+    failed_sample,
+    filesystem,
+    image_column,
+    map_fields,
+    one_line,
+    scalar_columns,
+)
+
+_BATCH_ROWS = 1024
+# LAION keys are the row index, zero-padded like img2dataset's keys ("000000012").
+_KEY_WIDTH = 9
+NO_IMAGE_BYTES = "no image bytes in parquet"
+DAMAGED_KEY = "<damaged>"
+
+
+def read_i2d_parquet(shard: Shard) -> Iterator[Sample]:
+    """Yield every row of an img2dataset ``parquet`` output file, in file order.
+
+    Rows whose download failed (``status`` other than ``success``) have no bytes and become
+    failed samples carrying img2dataset's ``error_message``. A row that claims success but has
+    no bytes (or a file without an image column, such as an orphaned sidecar) is failed too.
+    """
+    yield from _read_rows(shard, with_images=True)
+
+
+def read_laion_metadata(shard: Shard) -> Iterator[Sample]:
+    """Yield every row of a metadata parquet (URL, TEXT, WIDTH, ...) as a sample without bytes.
+
+    The key is the ``key`` column when there is one, else the row index zero-padded to nine
+    digits. Other scalar columns (``similarity``, ``AESTHETIC_SCORE``, ``punsafe``, ...) go to
+    ``extra`` with their names as given.
+    """
+    yield from _read_rows(shard, with_images=False)
+
+
+def _read_rows(shard: Shard, *, with_images: bool) -> Iterator[Sample]:
+    """Shared row loop. A file that turns out damaged part-way yields what it could read and
+    then one failed ``f"{shard_id}/<damaged>"`` sample: nothing says which rows were lost."""
+    fs, path = filesystem(shard.path)
+    try:
+        fh = fs.open(path, "rb")
+    except ENVIRONMENT_ERRORS as err:
+        raise SourceError(
+            f"cannot open shard {shard.path!r}: {err}; hint: the input changed since discovery? run again to rediscover"
+        ) from err
+    seen: set[str] = set()
+    row_index = 0
+    with fh:
+        try:
+            parquet = pq.ParquetFile(fh)
+            schema = parquet.schema_arrow
+            image = image_column(schema) if with_images else None
+            columns = scalar_columns(schema)
+            if image is not None:
+                columns.append(image)
+            has_key = "key" in columns
+            for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+                values = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
+                images = values.pop(image) if image is not None else None
+                names = list(values)
+                for i in range(batch.num_rows):
+                    record = {name: values[name][i] for name in names}
+                    fields = map_fields(record)
+                    key = fields.key if fields.key is not None else f"{row_index:0{_KEY_WIDTH}d}"
+                    sample_id = f"{shard.shard_id}/{key}"
+                    if has_key:
+                        # Only a key column can repeat; row indices cannot.
+                        sample_id = _unique(sample_id, seen)
+                    data = images[i] if images is not None else None
+                    row_index += 1
+                    yield _row_sample(sample_id, key, fields, data, with_images=with_images)
+        except ENVIRONMENT_ERRORS:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as err:
+            yield failed_sample(
+                f"{shard.shard_id}/{DAMAGED_KEY}",
+                DAMAGED_KEY,
+                f"parquet damaged after {row_index} rows: {one_line(str(err))}",
+            )
+
+
+def _unique(sample_id: str, seen: set[str]) -> str:
+    candidate, n = sample_id, 1
+    while candidate in seen:
+        n += 1
+        candidate = f"{sample_id}#{n}"
+    seen.add(candidate)
+    return candidate
+
+
+def _row_sample(sample_id: str, key: str, fields: Fields, data: Any, *, with_images: bool) -> Sample:
+    if not fields.succeeded:
+        return failed_sample(sample_id, key, fields.failure(), fields)
+    if with_images and data is None:
+        return failed_sample(sample_id, key, NO_IMAGE_BYTES, fields)
+    return Sample(
+        sample_id=sample_id,
+        key=key,
+        data=bytes(data) if data is not None else None,
+        url=fields.url,
+        caption=fields.caption,
+        width=fields.width,
+        height=fields.height,
+        extra=fields.extra,
+    )

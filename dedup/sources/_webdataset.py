@@ -1,0 +1,208 @@
+"""Reader for img2dataset's ``webdataset`` output: ``NNNNN.tar`` plus its sidecar ``NNNNN.parquet``.
+
+The tar holds the samples that downloaded (``key.jpg``, ``key.txt``, ``key.json``); the sidecar
+lists every sample of the shard, failed downloads included. Reading both is what lets the
+manifest have one row per input sample.
+"""
+
+from __future__ import annotations
+
+import lzma
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Self
+
+from dedup._types import Sample, Shard
+from dedup.errors import SourceError
+from dedup.sources._common import (
+    ENVIRONMENT_ERRORS,
+    Fields,
+    decode_text,
+    failed_sample,
+    filesystem,
+    map_fields,
+    one_line,
+    parse_json,
+    pick_image_field,
+    read_sidecar,
+    split_name,
+)
+
+# Raised by tarfile and its decompressors on damaged data (as opposed to a failing disk or network).
+_DAMAGE_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
+
+MISSING_TRUNCATED = "missing from tar (shard truncated?)"
+MISSING = "missing from tar"
+NO_IMAGE = "no image member in tar"
+DAMAGED_KEY = "<damaged>"
+SIDECAR_KEY = "<sidecar>"
+
+_DRAIN_CHUNK = 1 << 16
+
+
+def sidecar_path(tar_path: str) -> str:
+    """``.../00000.tar`` -> ``.../00000.parquet`` (img2dataset names both after the shard)."""
+    return tar_path[: -len(".tar")] + ".parquet"
+
+
+@dataclass(slots=True)
+class _Damage:
+    """Filled in by :func:`_tar_groups` when the tar turns out to be damaged."""
+
+    reason: str | None = None
+
+
+def read_webdataset(shard: Shard) -> Iterator[Sample]:
+    """Yield every sample of a webdataset shard: those in the tar, then those only in the sidecar.
+
+    Order: tar order first (img2dataset writes in download-completion order, a property of the
+    file, hence deterministic), then the sidecar-only samples sorted by key. Sorting the tar
+    samples by key would mean holding the whole tar in memory.
+
+    Damage (a truncated or corrupt tar): the samples read before the damage are yielded as
+    usual. When a sidecar exists, every sample it lists that the tar lacked becomes a failed
+    sample with error ``"missing from tar (shard truncated?)"``: one row per real sample, no
+    made-up rows. Without a sidecar nobody knows which samples were lost, so one extra failed
+    sample ``f"{shard_id}/<damaged>"`` carries the damage instead. An unreadable sidecar likewise
+    adds a failed ``f"{shard_id}/<sidecar>"`` sample and the tar is read on its own.
+
+    Tar members are only ever names: nothing is written to disk, so absolute or ``..`` names
+    are harmless and simply become keys.
+    """
+    fs, path = filesystem(shard.path)
+    sidecar = read_sidecar(fs, sidecar_path(path))
+    if sidecar.error is not None:
+        yield failed_sample(f"{shard.shard_id}/{SIDECAR_KEY}", SIDECAR_KEY, sidecar.error)
+    damage = _Damage()
+    times_seen: dict[str, int] = {}
+    try:
+        fh = fs.open(path, "rb")
+    except ENVIRONMENT_ERRORS as err:
+        raise SourceError(
+            f"cannot open shard {shard.path!r}: {err}; hint: the input changed since discovery? run again to rediscover"
+        ) from err
+    with fh:
+        for key, members in _tar_groups(fh, damage):
+            count = times_seen.get(key, 0) + 1
+            times_seen[key] = count
+            # A key split across non-adjacent members (never img2dataset) must not repeat an id.
+            sample_id = f"{shard.shard_id}/{key}" if count == 1 else f"{shard.shard_id}/{key}#{count}"
+            yield _tar_sample(sample_id, key, members, sidecar.pop(key), damaged=damage.reason is not None)
+    if sidecar.rows:
+        for key in sorted(sidecar.rows):
+            fields = sidecar.rows[key]
+            if not fields.succeeded:
+                error = fields.failure()
+            else:
+                error = MISSING_TRUNCATED if damage.reason is not None else MISSING
+            yield failed_sample(f"{shard.shard_id}/{key}", key, error, fields)
+    if damage.reason is not None and sidecar.rows is None:
+        yield failed_sample(f"{shard.shard_id}/{DAMAGED_KEY}", DAMAGED_KEY, f"tar damaged: {damage.reason}")
+
+
+def _tar_sample(sample_id: str, key: str, members: dict[str, bytes], listed: Fields | None, *, damaged: bool) -> Sample:
+    """One tar sample: image from the image member, caption from ``.txt``, the rest from ``.json``.
+
+    The sidecar row (``listed``) fills what the ``.json`` lacks, e.g. when the json is
+    malformed; a malformed json alone costs the metadata, never the sample.
+    """
+    record: dict[str, Any] = {}
+    if listed is not None:
+        record.update(listed.as_record())
+    meta = members.get("json")
+    if meta is not None:
+        record.update(parse_json(meta))
+    fields = map_fields(record)
+    caption = decode_text(members["txt"]) if "txt" in members else fields.caption
+    image_field = pick_image_field(members)
+    if image_field is None:
+        # ``damaged`` is only ever set while the last group (the one cut short) is yielded.
+        error = MISSING_TRUNCATED if damaged else NO_IMAGE
+        fields.caption = caption
+        return failed_sample(sample_id, key, error, fields)
+    return Sample(
+        sample_id=sample_id,
+        key=key,
+        data=members[image_field],
+        url=fields.url,
+        caption=caption,
+        width=fields.width,
+        height=fields.height,
+        extra=fields.extra,
+    )
+
+
+def _tar_groups(fh: IO[bytes], damage: _Damage) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream ``(key, {field: bytes})`` groups of adjacent members, one group in memory at a time.
+
+    ``tarfile`` in stream mode ends *silently* at a truncated or garbled header once past the
+    first member, so the header errors it swallows are recorded (through a ``TarInfo`` subclass,
+    the documented hook) and a stop at anything but the end-of-archive marker counts as damage.
+    ``damage.reason`` is set before the last group is yielded.
+    """
+    stops: list[tarfile.HeaderError] = []
+
+    class _RecordingTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar: tarfile.TarFile) -> Self:
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.HeaderError as err:
+                stops.append(err)
+                raise
+
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=fh, mode="r|*", tarinfo=_RecordingTarInfo) as tar:
+            while (member := tar.next()) is not None:
+                # Stream mode keeps every TarInfo it has seen; a shard has tens of thousands.
+                tar.members = []  # type: ignore[attr-defined]  # (untyped, but public since 2.x)
+                if not member.isfile():
+                    continue
+                member_key, name = split_name(_strip_dot_slash(member.name))
+                if member_key != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = member_key, {}
+                extracted = tar.extractfile(member)
+                if extracted is not None:
+                    members[name] = extracted.read()
+            damage.reason = _end_state(stops, tar)
+    except _DAMAGE_ERRORS as err:
+        damage.reason = one_line(str(err)) or type(err).__name__
+    if key is not None:
+        yield key, members
+
+
+def _strip_dot_slash(name: str) -> str:
+    """``tar -cf x.tar .`` names members ``./000.jpg``; the key is still ``000``."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def _end_state(stops: list[tarfile.HeaderError], tar: tarfile.TarFile) -> str | None:
+    """None for a clean end-of-archive, else why the stream stopped early.
+
+    The header error classes are matched by name: they are real ``tarfile`` module attributes
+    but missing from the type stubs.
+    """
+    last = type(stops[-1]).__name__ if stops else None
+    if last == "EOFHeaderError":
+        # The zero block may be a hole punched in the middle: the rest must be zeros too.
+        stream = tar.fileobj
+        if stream is not None:
+            while chunk := stream.read(_DRAIN_CHUNK):
+                if chunk.count(0) != len(chunk):
+                    return "data after the end-of-archive marker (zeroed block?)"
+        return None
+    if last == "EmptyHeaderError":
+        return "no end-of-archive marker (truncated at a member boundary?)"
+    if last == "TruncatedHeaderError":
+        return "truncated header"
+    if last is not None:
+        return f"corrupt header ({one_line(str(stops[-1]))})"
+    return None
