@@ -1,0 +1,161 @@
+"""The per-shard step: read → fingerprint → embed, written as one checkpoint per shard.
+
+Output of a shard: ``<dir>/<shard>.parquet`` (one row per input sample, :data:`SCHEMA`) and
+``<dir>/<shard>.npy`` (float32 embeddings of the rows whose ``embedded`` is true, in row order).
+Both are written atomically before the executor writes the shard's completion marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dedup._io import atomic_path
+from dedup._types import Sample, Shard, ShardKind
+from dedup.config import RunConfig
+from dedup.embed import Embedder, build_embedder
+from dedup.executors.base import shard_file_name
+from dedup.fingerprint import Features, fingerprint
+from dedup.sources import read_shard
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("source", pa.string()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("sha256", pa.binary(32)),
+        ("pixel_sha256", pa.binary(32)),
+        ("phash", pa.uint64()),
+        ("pdq", pa.binary(32)),
+        ("pdq_quality", pa.int16()),
+        ("has_image", pa.bool_()),
+        ("embedded", pa.bool_()),
+        ("meta", pa.string()),  # JSON of the other metadata columns (aesthetic, similarity, ...)
+    ]
+)
+
+# One embedder per process, built on first use: a worker loads its model once, then serves
+# every shard it is given (clip-retrieval's "pass builders, not models" pattern).
+_EMBEDDERS: dict[tuple[str, int], Embedder | None] = {}
+
+
+def _embedder(cfg: RunConfig, threads: int) -> Embedder | None:
+    key = (repr(cfg.embed), threads)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = build_embedder(cfg.embed, threads=threads)
+    return _EMBEDDERS[key]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureStep:
+    """Picklable step: compute one shard's features into ``out_dir``; returns summable stats."""
+
+    config: RunConfig
+    out_dir: Path
+    threads: int = 0
+
+    def paths(self, shard: Shard) -> tuple[Path, Path]:
+        base = self.out_dir / shard_file_name(shard)
+        return base.with_name(base.name + ".parquet"), base.with_name(base.name + ".npy")
+
+    def __call__(self, shard: Shard) -> dict[str, Any]:
+        threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
+        embedder = _embedder(self.config, threads)
+        batch_size = max(1, self.config.embed.batch_size)
+        rows: list[dict[str, Any]] = []
+        vectors: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        errors: dict[str, int] = {}
+
+        def flush() -> None:
+            if pending:
+                assert embedder is not None
+                vectors.append(embedder.embed(np.stack(pending)))
+                pending.clear()
+
+        for sample in read_shard(shard):
+            feats, model_input = _features(sample, shard, self.config, embedder)
+            embedded = model_input is not None
+            if embedded:
+                pending.append(model_input)
+                if len(pending) >= batch_size:
+                    flush()
+            if feats.status != "ok":
+                kind = _error_kind(feats.error)
+                errors[kind] = errors.get(kind, 0) + 1
+            rows.append(_row(sample, shard, feats, embedded))
+        flush()
+
+        dim = embedder.dim if embedder is not None else 0
+        emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        parquet_path, npy_path = self.paths(shard)
+        with atomic_path(npy_path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, emb.astype(np.float32, copy=False))
+        with atomic_path(parquet_path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        failed = sum(1 for r in rows if r["status"] != "ok")
+        return {
+            "samples": len(rows),
+            "ok": len(rows) - failed,
+            "failed": failed,
+            "embedded": int(emb.shape[0]),
+            "errors": errors,
+        }
+
+
+def _features(
+    sample: Sample, shard: Shard, cfg: RunConfig, embedder: Embedder | None
+) -> tuple[Features, np.ndarray | None]:
+    if sample.status != "ok":
+        return Features(status="failed", error=sample.error or "failed upstream"), None
+    if sample.data is None and shard.kind is ShardKind.LAION_METADATA:
+        # Metadata-only: nothing to decode; URL and caption signals serve these rows.
+        return Features(status="ok", error=None, width=sample.width, height=sample.height), None
+    prepare = embedder.preprocess if embedder is not None else None
+    return fingerprint(sample.data, cfg.fingerprint, prepare=prepare)
+
+
+def _row(sample: Sample, shard: Shard, feats: Features, embedded: bool) -> dict[str, Any]:
+    return {
+        "sample_id": sample.sample_id,
+        "source": shard.source,
+        "shard": shard.shard_id,
+        "key": sample.key,
+        "url": sample.url,
+        "caption": sample.caption,
+        "width": feats.width if feats.width is not None else sample.width,
+        "height": feats.height if feats.height is not None else sample.height,
+        "status": feats.status,
+        "error": feats.error,
+        "sha256": feats.sha256,
+        "pixel_sha256": feats.pixel_sha256,
+        "phash": feats.phash,
+        "pdq": feats.pdq,
+        "pdq_quality": feats.pdq_quality,
+        "has_image": feats.sha256 is not None,
+        "embedded": embedded,
+        "meta": json.dumps(sample.extra, sort_keys=True, default=str) if sample.extra else None,
+    }
+
+
+def _error_kind(error: str | None) -> str:
+    """The class of an error message, for per-reason counts (text before the first colon)."""
+    if not error:
+        return "unknown"
+    return error.split(":", 1)[0].strip()[:60] or "unknown"
