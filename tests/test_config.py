@@ -1,0 +1,52 @@
+"""Presets and overrides: frozen configs, typed, with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from dedup.config import PRESETS, EmbedModel, KeepPolicy, RunConfig, load_config
+from dedup.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load(name: str) -> None:
+    cfg = load_config(name)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.search.report_thresholds == (0.95, 0.5)  # the paper's levels, whatever the preset
+
+
+def test_default_is_the_papers_duplicate_level() -> None:
+    cfg = load_config("default")
+    assert cfg.search.threshold == 0.95 and cfg.embed.model is EmbedModel.SSCD
+
+
+def test_overrides_are_typed_and_none_is_ignored() -> None:
+    cfg = RunConfig().with_overrides({"search.threshold": 0.9, "keep.policy": "largest", "workers": None})
+    assert cfg.search.threshold == 0.9 and cfg.keep.policy is KeepPolicy.LARGEST and cfg.workers == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.workers = 3  # type: ignore[misc]
+
+
+def test_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'keep.policy' must be one of: first, largest, column"):
+        RunConfig().with_overrides({"keep.policy": "best"})
+    with pytest.raises(ConfigError, match="unknown setting 'search.nope'"):
+        RunConfig().with_overrides({"search.nope": 1})
+    f = tmp_path / "c.toml"
+    f.write_text("[search]\nthreshold = 'high'\n")
+    with pytest.raises(ConfigError, match="'search.threshold' must be a float"):
+        load_config(path=f)
+    f.write_text("[search\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(path=f)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(path=tmp_path / "missing.toml")
+
+
+def test_stage_key_ignores_settings_that_do_not_change_features() -> None:
+    base = RunConfig()
+    assert base.stage_key() == base.with_overrides({"search.threshold": 0.5, "embed.batch_size": 7}).stage_key()
+    assert base.stage_key() != base.with_overrides({"embed.model": "sscd_distilled"}).stage_key()
