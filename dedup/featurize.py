@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ class FeatureStep:
         base = self.out_dir / shard_file_name(shard)
         return base.with_name(base.name + ".parquet"), base.with_name(base.name + ".npy")
 
-    def __call__(self, shard: Shard) -> dict[str, Any]:
+    def __call__(self, shard: Shard, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
         embedder = _embedder(self.config, threads)
         batch_size = max(1, self.config.embed.batch_size)
@@ -98,7 +99,11 @@ class FeatureStep:
                 kind = _error_kind(feats.error)
                 errors[kind] = errors.get(kind, 0) + 1
             rows.append(_row(sample, shard, feats, embedded))
+            if progress is not None and len(rows) % 64 == 0:
+                progress(64)
         flush()
+        if progress is not None and len(rows) % 64:
+            progress(len(rows) % 64)
 
         dim = embedder.dim if embedder is not None else 0
         emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)

@@ -104,16 +104,17 @@ def run(
 
     step = FeatureStep(config=cfg, out_dir=features_dir)
     runner = executor or LocalExecutor(workers=cfg.workers)
-    with prog("fingerprint + embed", len(shards), "shard") as bar:
-        seen = {"samples": 0, "failed": 0}
+    with prog("fingerprint + embed", None, "img") as bar:
+        seen = {"shards": 0, "failed": 0}
 
         def on_done(shard: Shard, stats: dict[str, Any]) -> None:
-            seen["samples"] += int(stats.get("samples", 0))
+            seen["shards"] += 1
             seen["failed"] += int(stats.get("failed", 0))
-            bar.update(1)
-            bar.set_postfix_str(f"{seen['samples']} samples, {seen['failed']} failed")
+            bar.set_postfix_str(f"{seen['shards']}/{len(shards)} shards, {seen['failed']} failed")
 
-        per_shard = runner.run(step, shards, markers=Markers(work / "done"), on_done=on_done)
+        per_shard = runner.run(
+            step, shards, markers=Markers(work / "done"), on_done=on_done, on_progress=bar.update
+        )
     shard_stats = merge_stats([per_shard[s.shard_id] for s in shards])
 
     table, vectors = load_features(step, shards)
@@ -212,7 +213,7 @@ def finish(
 ) -> RunResult:
     """The global stages over all features: search, cluster, select, and every output."""
     edges, levels = find_edges(table, vectors, cfg, progress=progress)
-    with progress("cluster + select", None, "step") as bar:
+    with progress("cluster + select", 1, "step") as bar:
         n = table.num_rows
         labels = components(n, edges)
         ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
@@ -222,7 +223,7 @@ def finish(
         keep_row = keepers(labels, policy=cfg.keep.policy, eligible=ok, pixels=width * height, metric=metric)
         manifest = build_manifest(table, labels, keep_row, edges, embedding_label=cfg.embed.model.value)
         bar.update(1)
-    with progress("write outputs", None, "file") as bar:
+    with progress("write outputs", 1, "step") as bar:
         write_manifest(manifest, out_dir / "manifest.parquet")
         write_keep_list(manifest, out_dir / "keep.parquet")
         write_index(out_dir / "index", table, vectors, labels, cfg)

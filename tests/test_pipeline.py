@@ -96,11 +96,11 @@ def test_crash_then_rerun_resumes_and_matches(
     calls: list[str] = []
     real = FeatureStep.__call__
 
-    def crash_on_third(self: FeatureStep, shard):  # type: ignore[no-untyped-def]
+    def crash_on_third(self: FeatureStep, shard, progress=None):  # type: ignore[no-untyped-def]
         calls.append(shard.shard_id)
         if len(calls) == 3:
             raise KeyboardInterrupt  # like Ctrl-C or a kill: not retried, not caught
-        return real(self, shard)
+        return real(self, shard, progress)
 
     monkeypatch.setattr(FeatureStep, "__call__", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -109,7 +109,11 @@ def test_crash_then_rerun_resumes_and_matches(
     first_two = calls[:2]
 
     calls.clear()
-    monkeypatch.setattr(FeatureStep, "__call__", lambda self, shard: (calls.append(shard.shard_id), real(self, shard))[1])
+    def counting(self: FeatureStep, shard, progress=None):  # type: ignore[no-untyped-def]
+        calls.append(shard.shard_id)
+        return real(self, shard, progress)
+
+    monkeypatch.setattr(FeatureStep, "__call__", counting)
     run([str(root)], tmp_path / "crashed", config=FAST)
     assert not set(first_two) & set(calls)  # finished shards were not redone
     assert (tmp_path / "crashed" / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()

@@ -1,7 +1,8 @@
 """What every executor does: run a step over shards, skip finished ones, merge their stats.
 
-A step is any picklable callable ``step(shard) -> dict`` (summable stats) that writes its own
-outputs atomically. The executor owns everything else: which shards still need work (a
+A step is any picklable callable ``step(shard, progress=None) -> dict`` (summable stats) that
+writes its own outputs atomically and, when given ``progress``, calls it with the number of
+samples it has just finished (executors that run steps elsewhere report whole shards instead). The executor owns everything else: which shards still need work (a
 completion marker per shard, written last, holding the shard's stamp and stats), retries, and
 reporting progress. Steps never import an engine, so the local and Ray executors run the very
 same step objects.
@@ -18,8 +19,10 @@ from urllib.parse import quote
 from dedup._io import atomic_write_text
 from dedup._types import Shard
 
-Step = Callable[[Shard], dict[str, Any]]
+Step = Callable[..., dict[str, Any]]
+"""``step(shard, progress=None) -> stats``; ``progress(n)``, when given, is told of samples done."""
 OnDone = Callable[[Shard, dict[str, Any]], object]
+OnProgress = Callable[[int], object]
 
 
 def shard_file_name(shard: Shard) -> str:
@@ -62,6 +65,7 @@ class Executor(Protocol):
         *,
         markers: Markers,
         on_done: OnDone | None = None,
+        on_progress: OnProgress | None = None,
     ) -> dict[str, dict[str, Any]]: ...
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from dedup._types import Shard
 from dedup.errors import DedupError
-from dedup.executors.base import Markers, OnDone, Step
+from dedup.executors.base import Markers, OnDone, OnProgress, Step
 
 
 class ShardFailedError(DedupError):
@@ -37,6 +37,7 @@ class LocalExecutor:
         *,
         markers: Markers,
         on_done: OnDone | None = None,
+        on_progress: OnProgress | None = None,
     ) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
         todo: list[Shard] = []
@@ -50,7 +51,7 @@ class LocalExecutor:
                     on_done(shard, stats)
         if self.workers == 1 or len(todo) <= 1:
             for shard in todo:
-                stats = self._attempt_inline(step, shard)
+                stats = self._attempt_inline(step, shard, on_progress)
                 self._finish(shard, stats, markers, results, on_done)
             return results
         ctx = multiprocessing.get_context("spawn")
@@ -71,13 +72,15 @@ class LocalExecutor:
                             raise _failed(shard, err) from err
                         pending[pool.submit(step, shard)] = shard
                         continue
+                    if on_progress is not None:
+                        on_progress(int(stats.get("samples", 0)))
                     self._finish(shard, stats, markers, results, on_done)
         return results
 
-    def _attempt_inline(self, step: Step, shard: Shard) -> dict[str, Any]:
+    def _attempt_inline(self, step: Step, shard: Shard, on_progress: OnProgress | None) -> dict[str, Any]:
         for attempt in range(self.retries + 1):
             try:
-                return step(shard)
+                return step(shard, progress=on_progress)
             except DedupError:
                 raise
             except Exception as err:
