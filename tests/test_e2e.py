@@ -86,3 +86,38 @@ def test_report_json(dedup_out: Path) -> None:
     assert report["links_per_signal"].get("exact_bytes", 0) > 0
     dist = report["duplicate_count"]["all_samples"]
     assert 0 < dist["mean"] <= dist["max"]
+
+
+def test_download_then_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dedup download` runs img2dataset for real on LAION-style metadata; its shards feed `run`."""
+    from _data import LoopbackImageServer, encode_jpeg, make_laion_parquet, natural_image
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with LoopbackImageServer() as server:
+        jpeg = [encode_jpeg(natural_image(100 + k, (160, 120))) for k in range(4)]
+        urls = [server.url(server.add(f"img/{k}.jpg", data)) for k, data in enumerate(jpeg)]
+        urls.append(server.url(server.add("img/copy.jpg", jpeg[0])))  # the same bytes under another URL
+        urls.append(server.url("img/missing.jpg"))  # 404
+        rows = [{"URL": u, "TEXT": f"caption {k}", "WIDTH": 160, "HEIGHT": 120, "AESTHETIC_SCORE": float(k)}
+                for k, u in enumerate(urls)]
+        make_laion_parquet(tmp_path / "meta.parquet", rows)
+        result = CliRunner().invoke(app, [
+            "download", str(tmp_path / "meta.parquet"), "--out", str(tmp_path / "shards"),
+            "--processes", "1", "--threads", "4", "--resize-mode", "no",
+        ])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == ["00000.tar"]
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "shards"), "--out", str(tmp_path / "out"), "-q",
+                                      "--model", "sscd_distilled"])
+    assert result.exit_code == 0, result.output
+    m = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert m.height == len(urls)
+    by_url = {r["url"]: r for r in m.iter_rows(named=True)}
+    assert by_url[urls[-1]]["status"] == "failed"
+    assert all(by_url[u]["status"] == "ok" for u in urls[:-1])
+    assert by_url[urls[0]]["cluster_id"] == by_url[urls[4]]["cluster_id"]
+    assert by_url[urls[4]]["signal"] == "exact_bytes" or by_url[urls[0]]["signal"] == "exact_bytes"
+    assert by_url[urls[1]]["caption"] == "caption 1"
