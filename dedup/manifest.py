@@ -18,20 +18,14 @@ import pyarrow.parquet as pq
 
 from dedup._io import atomic_path
 from dedup.cluster import sizes
+from dedup.featurize import SCHEMA
 from dedup.search import Edges, Signal
 
+# The sample's own columns come from the feature table, so the two schemas cannot drift apart.
+_SAMPLE_COLUMNS = ("sample_id", "source", "shard", "key", "url", "caption", "width", "height", "status", "error")
 MANIFEST_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("source", pa.string()),
-        ("shard", pa.string()),
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("status", pa.string()),
-        ("error", pa.string()),
+    [SCHEMA.field(name) for name in _SAMPLE_COLUMNS]
+    + [
         ("cluster_id", pa.int64()),
         ("cluster_size", pa.int64()),
         ("keep", pa.bool_()),
@@ -86,7 +80,7 @@ def build_manifest(
     sample_ids = table.column("sample_id").to_pylist()
     duplicate_of = [sample_ids[keep_row[r]] if dropped[r] and keep_row[r] >= 0 else None for r in range(n)]
 
-    cols = {name: table.column(name) for name in MANIFEST_SCHEMA.names if name in table.column_names}
+    cols = {name: table.column(name) for name in _SAMPLE_COLUMNS}
     cols["cluster_id"] = pa.array(labels, pa.int64(), mask=~ok)
     cols["cluster_size"] = pa.array(size, pa.int64(), mask=~ok)
     cols["keep"] = pa.array(keep, pa.bool_())
