@@ -7,6 +7,8 @@ per-sample problems are never exceptions that escape a stage: they become manife
 
 from __future__ import annotations
 
+import re
+
 
 class DedupError(Exception):
     """Base class of every error dedup raises on purpose. The CLI turns it into one message."""
@@ -48,3 +50,24 @@ def missing_dependency(package: str, extra: str, purpose: str) -> MissingDepende
         f"{purpose} needs the '{package}' package, which is not installed; "
         f"install it with: pip install 'dedup[{extra}]'"
     )
+
+
+# ANSI/VT escape sequences (CSI "ESC [ ... final", OSC "ESC ] ... BEL|ESC \\", and two-byte
+# escapes), then any control character left; bidirectional overrides reorder what a terminal
+# shows ("Trojan Source"), so they go too.
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` made safe to print on a terminal, on one line.
+
+    Error messages echo paths, URLs and names that came from the data (a tar member, a file
+    name, img2dataset's ``error_message``): an escape sequence in one must not recolour,
+    retitle or rewrite the user's terminal. Escape sequences are dropped, other control
+    characters (newlines included) are shown as ``\\xNN`` escapes, and text that cannot be
+    encoded (lone surrogates from undecodable file names) is backslash-escaped.
+    """
+    text = _ESCAPE_SEQUENCE.sub("", text)
+    text = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

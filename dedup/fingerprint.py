@@ -109,6 +109,9 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     """
     if not data:
         raise SampleError("empty image data (0 bytes)")
+    declared = _gif_size(data)
+    if declared is not None:
+        _check_size(*declared, max_pixels=max_pixels)
     try:
         with _pil_guard():
             im = Image.open(io.BytesIO(data), formats=_FORMATS)
@@ -119,13 +122,7 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         width, height = im.size
         pixels = width * height
-        if pixels > max_pixels:
-            raise SampleError(
-                f"image declares {width}x{height} = {pixels:.3g} pixels, "
-                f"over fingerprint.max_pixels={max_pixels}"
-            )
-        if width < 1 or height < 1:
-            raise SampleError(f"image declares an empty size {width}x{height}")
+        _check_size(width, height, max_pixels=max_pixels)
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and pixels > limit:
             # Rare and huge: decode one at a time under the lock, which also bounds memory.
@@ -204,6 +201,44 @@ def hamming(a: bytes, b: bytes) -> int:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _check_size(width: int, height: int, *, max_pixels: int) -> None:
+    pixels = width * height
+    if pixels > max_pixels:
+        raise SampleError(
+            f"image declares {width}x{height} = {pixels:.3g} pixels, "
+            f"over fingerprint.max_pixels={max_pixels}"
+        )
+    if width < 1 or height < 1:
+        raise SampleError(f"image declares an empty size {width}x{height}")
+
+
+def _gif_size(data: bytes) -> tuple[int, int] | None:
+    """The size PIL will give a GIF, read from its header without PIL; None if not a GIF.
+
+    Other formats are checked after ``Image.open`` (which only parses headers), but PIL's GIF
+    reader allocates a buffer of the first frame's size while *opening* (for its disposal and
+    transparency), so a 70-byte GIF declaring a 65535 x 65535 frame costs 4 GB before any check
+    could run (found by tests/fuzz). PIL's size is the logical screen, grown to the first
+    frame's extent; that is what this returns.
+    """
+    if len(data) < 13 or not data.startswith((b"GIF87a", b"GIF89a")):
+        return None
+    width, height, flags = struct.unpack_from("<HHB", data, 6)
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # the global colour table
+    while pos < len(data) and data[pos] != 0x3B:  # up to the trailer, as PIL reads it
+        if data[pos] == 0x2C:  # image descriptor: left, top, width, height
+            if pos + 9 > len(data):
+                break
+            left, top, frame_w, frame_h = struct.unpack_from("<HHHH", data, pos + 1)
+            return max(width, left + frame_w), max(height, top + frame_h)
+        if data[pos] == 0x21:  # extension: introducer, label, sub-blocks up to a zero length
+            pos += 2
+            while pos < len(data) and data[pos]:
+                pos += data[pos] + 1
+        pos += 1  # past the terminator, or past a byte PIL skips as an unknown tag
+    return width, height
 
 
 @contextmanager

@@ -198,7 +198,7 @@ def test_torchscript_embedder_on_a_tiny_scripted_model(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.trace(tiny.eval(), torch.zeros(1, 3, 64, 64)).save(str(path))
     e = build_embedder(
-        EmbedConfig(model=EmbedModel.SSCD_TORCHSCRIPT, model_path=str(path), size=64)
+        EmbedConfig(model=EmbedModel.SSCD_TORCHSCRIPT, model_path=str(path), size=64, trust_code=True)
     )
     assert e is not None and e.dim == 16
     imgs = [natural_image(s, (80, 60)) for s in range(3)]
@@ -215,7 +215,9 @@ def test_torchscript_rejects_a_non_torchscript_file(tmp_path: Path) -> None:
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"nope")
     with pytest.raises(ModelError, match="cannot load TorchScript model"):
-        build_embedder(EmbedConfig(model=EmbedModel.SSCD_TORCHSCRIPT, model_path=str(bad)))
+        build_embedder(
+            EmbedConfig(model=EmbedModel.SSCD_TORCHSCRIPT, model_path=str(bad), trust_code=True)
+        )
 
 
 @pytest.mark.torch
@@ -244,7 +246,9 @@ def test_clip_embedder_on_a_tiny_local_model(tmp_path: Path) -> None:
     open_clip.add_model_config(tmp_path)
     weights = tmp_path / "tiny.pt"
     torch.save(open_clip.create_model("dedup-tiny-test").state_dict(), weights)
-    cfg = EmbedConfig(model=EmbedModel.CLIP, clip_model="dedup-tiny-test", model_path=str(weights))
+    cfg = EmbedConfig(
+        model=EmbedModel.CLIP, clip_model="dedup-tiny-test", model_path=str(weights), trust_code=True
+    )
     e = build_embedder(cfg)
     assert e is not None and e.name == "clip:dedup-tiny-test" and e.dim == 32
     imgs = [natural_image(s, (80, 60)) for s in range(3)]

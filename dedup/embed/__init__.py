@@ -12,6 +12,10 @@ model                  what                                                 need
 
 Heavy runtimes (onnxruntime, torch) are imported only when an embedder is built, so the CLI
 starts fast and a missing extra is reported with its pip hint at build time.
+
+Model files that run code when loaded (TorchScript, pickled ``.pt``/``.bin`` CLIP weights) are
+loaded only with ``embed.trust_code`` (``--trust-model-code``); ONNX and ``.safetensors`` files
+need no trust. Without it the builder raises ConfigError naming the flag.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 
 from dedup.config import EmbedConfig
 from dedup.embed.base import l2_normalize, parse_device
-from dedup.errors import ModelError, missing_dependency
+from dedup.errors import ConfigError, ModelError, missing_dependency
 
 
 def import_torch(purpose: str) -> Any:
@@ -53,6 +53,23 @@ def local_file(cfg: EmbedConfig, what: str, hint: str) -> Path:
     if not path.is_file():
         raise ModelError(f"{what} not found: {path}; check embed.model_path")
     return path
+
+
+def require_trust(cfg: EmbedConfig, path: Path, what: str) -> None:
+    """Refuse to load ``path`` (``what``: a file format that runs code when loaded) unless the
+    user said they trust it: ``embed.trust_code`` / ``--trust-model-code``.
+
+    TorchScript files carry code, and pickled checkpoints (``torch.save``'s ``.pt``/``.bin``)
+    can run any code on unpickling: a model file from the web must not get to run code just
+    because a config named it.
+    """
+    if cfg.trust_code:
+        return
+    raise ConfigError(
+        f"{path} is {what}, which can run code when loaded; hint: pass --trust-model-code "
+        "(embed.trust_code = true) if you trust this file"
+        + ("" if what.startswith("a TorchScript") else ", or use a .safetensors file, which needs no trust")
+    )
 
 
 def run_batch(torch: Any, forward: Any, batch: np.ndarray, device: Any, dim: int) -> np.ndarray:

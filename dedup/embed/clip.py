@@ -2,7 +2,9 @@
 
 CLIP finds semantic near-duplicates (same scene, other photo) better than it finds copies;
 SSCD is the default for copy detection. Weights are always a local file: a hub name would
-make a run download at run time, which breaks offline clusters and reproducibility.
+make a run download at run time, which breaks offline clusters and reproducibility. A pickled
+checkpoint (``.pt``, ``.bin``, ...) can run code when loaded, so it needs ``embed.trust_code``
+(``--trust-model-code``); ``.safetensors`` weights are plain data and need nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from dedup.config import EmbedConfig
-from dedup.embed._torch import import_torch, local_file, run_batch, set_threads, torch_device
+from dedup.embed._torch import import_torch, local_file, require_trust, run_batch, set_threads, torch_device
 from dedup.errors import ModelError, missing_dependency
 
 __all__ = ["ClipEmbedder", "build_clip"]
@@ -54,6 +56,7 @@ def build_clip(cfg: EmbedConfig, *, threads: int | None = None) -> ClipEmbedder:
         MissingDependencyError: torch or open_clip_torch is not installed.
         ModelError: no model_path, a hub model name, a missing file, or weights that do not
             fit the architecture.
+        ConfigError: pickled weights without ``embed.trust_code``.
     """
     torch = import_torch("the clip model")
     try:
@@ -72,6 +75,8 @@ def build_clip(cfg: EmbedConfig, *, threads: int | None = None) -> ClipEmbedder:
         "set embed.model_path (--model-path) to an open_clip checkpoint for "
         f"{cfg.clip_model} (.pt/.bin/.safetensors); dedup never downloads weights at run time",
     )
+    if path.suffix.lower() != ".safetensors":
+        require_trust(cfg, path, "a pickled checkpoint (not .safetensors)")
     device = torch_device(torch, cfg.device)
     set_threads(torch, cfg, threads)
     try:

@@ -3,7 +3,7 @@
 Security: loading TorchScript runs code stored in the file, so the file is never fetched or
 guessed: it must be given explicitly as ``embed.model_path`` (e.g.
 ``sscd_disc_mixup.torchscript.pt`` from the SSCD repository's model zoo, downloaded by the
-user), and only files you trust should be given.
+user), and it is loaded only with ``embed.trust_code`` (``--trust-model-code``) set.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from dedup.config import EmbedConfig
-from dedup.embed._torch import import_torch, local_file, run_batch, set_threads, torch_device
+from dedup.embed._torch import import_torch, local_file, require_trust, run_batch, set_threads, torch_device
 from dedup.errors import ModelError
 
 __all__ = ["TorchScriptEmbedder", "build_sscd_torchscript"]
@@ -66,6 +66,7 @@ def build_sscd_torchscript(cfg: EmbedConfig, *, threads: int | None = None) -> T
     Raises:
         MissingDependencyError: torch is not installed.
         ModelError: no model_path, the file is missing, or it does not load as TorchScript.
+        ConfigError: ``embed.trust_code`` is not set.
     """
     torch = import_torch("the sscd-torchscript model")
     path = local_file(
@@ -75,6 +76,7 @@ def build_sscd_torchscript(cfg: EmbedConfig, *, threads: int | None = None) -> T
         "sscd_disc_mixup.torchscript.pt; TorchScript files run code when loaded, so dedup "
         "never picks or downloads one itself",
     )
+    require_trust(cfg, path, "a TorchScript file")
     device = torch_device(torch, cfg.device)
     set_threads(torch, cfg, threads)
     # torch >= 2.10 deprecates TorchScript, but Meta publishes SSCD only as TorchScript (the

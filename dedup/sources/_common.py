@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
+import stat as stat_module
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +47,11 @@ ENVIRONMENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+
+# The largest single file or tar member read into memory. An image at fingerprint.max_pixels
+# is far smaller; anything bigger is a mistake or an attack (a gzip bomb inside a .tar.gz), and
+# reading it would cost the whole worker its memory.
+MAX_FILE_BYTES = 1 << 30
 
 # How many small files to fetch at once from a remote filesystem (latency-bound, not CPU-bound).
 READ_CHUNK = 64
@@ -154,9 +162,32 @@ def decode_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def clean_text(text: str) -> str:
+    """``text`` made encodable as UTF-8 (parquet columns must be), keeping the rest as is.
+
+    File and tar member names that are not valid UTF-8 reach Python as lone surrogates
+    (``surrogateescape``), and JSON may spell one out (``"\\ud83d"``, half an emoji cut by a
+    scraper); either would make writing the shard's rows fail. Escaped bytes come back as
+    ``\\xNN`` (distinct names stay distinct), other lone surrogates as U+FFFD.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
+# C0/C1 control characters but the whitespace that str.split() already folds.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
+
 def one_line(text: str) -> str:
-    """Errors end up in one manifest cell; keep them on one line."""
-    return " ".join(text.split())
+    """Errors end up in one manifest cell; keep them on one line, without control characters
+    (an ``error_message`` is web text, and may hold terminal escape sequences)."""
+    return " ".join(_CONTROL.sub("?", clean_text(text)).split())
 
 
 @dataclass(slots=True)
@@ -226,10 +257,18 @@ def map_fields(record: Mapping[str, Any]) -> Fields:
 
 
 def parse_json(data: bytes) -> dict[str, Any]:
-    """img2dataset's per-sample ``.json``; anything malformed yields no fields, never an exception."""
+    """img2dataset's per-sample ``.json``; anything malformed yields no fields, never an exception.
+
+    Bytes that are not valid UTF-8 cost only those characters (replaced), not the whole record.
+    """
     try:
         value = json.loads(data)
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except UnicodeDecodeError:
+        try:
+            value = json.loads(decode_text(data))
+        except (ValueError, RecursionError):
+            return {}
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -246,7 +285,7 @@ def _as_str(value: Any) -> str | None:
         return None
     if isinstance(value, bytes):
         return decode_text(value)
-    return str(value)
+    return clean_text(str(value))
 
 
 def _as_int(value: Any) -> int | None:
@@ -293,6 +332,20 @@ def _is_type(t: pa.DataType, predicate: str) -> bool:
     return bool(check(t)) if check is not None else False
 
 
+def column_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """A column's Python values. Parquet does not check that text is UTF-8, and pyarrow fails
+    on the first bad byte when converting: text columns fall back to bytes decoded with
+    replacement, so one bad caption costs its bad bytes, not the file's rows."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        t = column.type
+        if pa.types.is_dictionary(t):
+            column = column.cast(t.value_type)
+        binary = column.cast(pa.large_binary())
+        return [decode_text(v) if isinstance(v, bytes) else v for v in binary.to_pylist()]
+
+
 def image_column(schema: pa.Schema) -> str | None:
     """The column holding encoded images (img2dataset names it after ``encode_format``)."""
     for ext in IMAGE_EXTENSIONS:
@@ -324,12 +377,15 @@ class Sidecar:
         return None if self.rows is None else self.rows.pop(key, None)
 
 
-def read_sidecar(fs: fsspec.AbstractFileSystem, path: str) -> Sidecar:
+def read_sidecar(fs: fsspec.AbstractFileSystem, path: str, *, confine_to: str | None = None) -> Sidecar:
     """Load a sidecar whole: it holds only small scalar columns (about 1 KB a row).
 
     A missing sidecar is normal (it is optional); an unreadable one is reported, not raised,
-    so the shard's images are still read.
+    so the shard's images are still read. So is one that is a symlink leading outside
+    ``confine_to`` (see :func:`source_root`): it is not read.
     """
+    if confine_to is not None and is_local(fs) and os.path.lexists(path) and outside(path, confine_to):
+        return Sidecar(error=f"sidecar parquet: {OUTSIDE_SOURCE}")
     try:
         with fs.open(path, "rb") as fh:
             parquet = pq.ParquetFile(fh)
@@ -344,8 +400,9 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, path: str) -> Sidecar:
     except (pa.ArrowException, OSError, ValueError) as err:
         return Sidecar(error=f"sidecar parquet unreadable: {one_line(str(err))}")
     rows: dict[str, Fields] = {}
-    for record in table.to_pylist():
-        mapped = map_fields(record)
+    values = {name: column_values(table.column(name)) for name in table.column_names}
+    for i in range(table.num_rows):
+        mapped = map_fields({name: column[i] for name, column in values.items()})
         if mapped.key is not None:
             rows[mapped.key] = mapped
     return Sidecar(rows=rows)
@@ -361,11 +418,15 @@ class FileFetcher:
 
     One object per image is unavoidable for folder and img2dataset ``files`` inputs; on an
     object store each read is a round trip, so latency, not bandwidth, is what threads hide.
-    A file that cannot be read comes back as its ``OSError`` (it becomes a failed sample).
+    A file that cannot be read comes back as its ``OSError`` (it becomes a failed sample). With
+    ``confine_to`` (a real local folder, from :func:`source_root`), a path that resolves outside
+    it (a symlink leaving the source) is not read: it comes back as :class:`OutsideSourceError`.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, confine_to: str | None = None) -> None:
         self._fs = fs
+        self._local = is_local(fs)
+        self._confine_to = confine_to if is_local(fs) else None
         self._pool = None if is_local(fs) else ThreadPoolExecutor(_REMOTE_READ_THREADS)
 
     def read(self, paths: Sequence[str]) -> list[bytes | OSError]:
@@ -374,6 +435,18 @@ class FileFetcher:
         return list(self._pool.map(self._read_one, paths))
 
     def _read_one(self, path: str) -> bytes | OSError:
+        if self._confine_to is not None and outside(path, self._confine_to):
+            return OutsideSourceError(path)
+        if self._local:
+            # One stat: a FIFO named x.jpg would block the read forever, a device never end.
+            try:
+                info = os.stat(path)
+            except OSError as err:
+                return err
+            if not stat_module.S_ISREG(info.st_mode):
+                return UnreadableFileError(path, "not a regular file")
+            if info.st_size > MAX_FILE_BYTES:
+                return UnreadableFileError(path, too_large(info.st_size))
         try:
             return bytes(self._fs.cat_file(path))
         except OSError as err:
@@ -392,7 +465,57 @@ class FileFetcher:
 
 def read_error(err: OSError) -> str:
     """A short, path-free reason (errors are counted per reason in the report)."""
+    if isinstance(err, OutsideSourceError):
+        return OUTSIDE_SOURCE
     return f"unreadable file: {err.strerror or type(err).__name__}"
+
+
+# --- symlinks that leave the source ---------------------------------------------------------
+# dedup reads what the user pointed it at and nothing else: a symlink inside a source folder
+# that resolves outside it (to /etc, a home folder, another mount) is never read. It becomes a
+# failed sample with this error, so it is visible rather than silently skipped. Symlinks that
+# stay inside the source are read; directory symlinks are never descended into (the files they
+# lead to are either listed under their real path, or outside the source).
+OUTSIDE_SOURCE = "symlink outside source"
+
+
+class UnreadableFileError(OSError):
+    """A file that is there but is not read (not a regular file, too large)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{reason}: {path}")
+        self.strerror = reason
+
+
+def too_large(size: int) -> str:
+    return f"too large ({size} bytes; the limit is {MAX_FILE_BYTES} bytes)"
+
+
+class OutsideSourceError(OSError):
+    """A local path that resolves outside the source the user gave."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{OUTSIDE_SOURCE}: {path}")
+        self.strerror = OUTSIDE_SOURCE
+
+
+def source_root(source: str) -> str | None:
+    """The real folder a local ``source`` confines reads to; None for remote filesystems.
+
+    A folder confines to itself; a single file given on its own to the folder it really lives
+    in (so its sidecar ``.parquet`` beside it is in bounds).
+    """
+    fs, path = filesystem(source)
+    if not is_local(fs):
+        return None
+    real = os.path.realpath(path)
+    return real if os.path.isdir(real) else os.path.dirname(real)
+
+
+def outside(path: str, root: str) -> bool:
+    """True when local ``path``, symlinks resolved, is not ``root`` or inside it."""
+    real = os.path.realpath(path)
+    return real != root and not real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def failed_sample(sample_id: str, key: str, error: str, fields: Fields | None = None) -> Sample:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from dedup.sources._common import (
     Fields,
     FileFetcher,
     chunks,
+    clean_text,
     decode_text,
     failed_sample,
     filesystem,
@@ -24,6 +26,7 @@ from dedup.sources._common import (
     pick_image_field,
     read_error,
     read_sidecar,
+    source_root,
     split_name,
 )
 
@@ -42,12 +45,15 @@ def read_i2d_files(shard: Shard) -> Iterator[Sample]:
     stores when every download failed) is read as empty.
     """
     fs, path = filesystem(shard.path)
-    sidecar = read_sidecar(fs, path.rstrip("/") + ".parquet")
+    confine_to = source_root(shard.source)
+    # A files folder given as the source has its sidecar beside it, as a tar given alone does.
+    beside = os.path.dirname(confine_to) if confine_to == os.path.realpath(path) else confine_to
+    sidecar = read_sidecar(fs, path.rstrip("/") + ".parquet", confine_to=beside)
     if sidecar.error is not None:
         yield failed_sample(f"{shard.shard_id}/{SIDECAR_KEY}", SIDECAR_KEY, sidecar.error)
     groups = _list_groups(fs, path, shard)
     keys = sorted(set(groups) | set(sidecar.rows or ()))
-    with FileFetcher(fs) as fetcher:
+    with FileFetcher(fs, confine_to) as fetcher:
         for chunk in chunks(keys, READ_CHUNK):
             plan: list[str] = []
             for key in chunk:
@@ -71,7 +77,9 @@ def _list_groups(fs: fsspec.AbstractFileSystem, path: str, shard: Shard) -> dict
         raise SourceError(f"cannot list {shard.path!r}: {err}; hint: check permissions and retry") from err
     groups: dict[str, dict[str, str]] = {}
     for entry in entries:
-        if entry.get("type") != "file":
+        # fsspec lists a symlink as type "other": it is a member too (read only if it stays
+        # inside the source, see FileFetcher), never silently passed over.
+        if entry.get("type") != "file" and not entry.get("islink"):
             continue
         name = entry["name"].rstrip("/").rpartition("/")[2]
         if is_hidden(name):
@@ -88,6 +96,7 @@ def _files_sample(
     contents: dict[str, bytes | OSError],
     listed: Fields | None,
 ) -> Sample:
+    key = clean_text(key)
     sample_id = f"{shard.shard_id}/{key}"
     record: dict[str, Any] = {}
     if listed is not None:
@@ -124,17 +133,19 @@ def read_folder(shard: Shard) -> Iterator[Sample]:
 
     The bytes are yielded whatever they hold: telling a corrupt image from a good one is the
     decoder's job, and a corrupt file must show up in the manifest as such. A file that cannot
-    be read at all (deleted since discovery, no permission) becomes a failed sample.
+    be read at all (deleted since discovery, no permission) becomes a failed sample, and so
+    does a symlink that leads outside the source (it is not read).
     """
     fs, root = filesystem(shard.path)
     root = root.rstrip("/")
     # Folder batch ids are "part-00000" or "s1/part-00000": sample ids take the same prefix.
     prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
-    with FileFetcher(fs) as fetcher:
+    with FileFetcher(fs, source_root(shard.source)) as fetcher:
         for chunk in chunks(shard.members, READ_CHUNK):
             for rel, data in zip(chunk, fetcher.read([f"{root}/{rel}" for rel in chunk]), strict=True):
-                sample_id = prefix + rel
+                key = clean_text(rel)  # the path as read stays raw; the id must be valid UTF-8
+                sample_id = prefix + key
                 if isinstance(data, OSError):
-                    yield failed_sample(sample_id, rel, read_error(data))
+                    yield failed_sample(sample_id, key, read_error(data))
                 else:
-                    yield Sample(sample_id=sample_id, key=rel, data=data)
+                    yield Sample(sample_id=sample_id, key=key, data=data)

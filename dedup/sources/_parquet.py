@@ -16,13 +16,18 @@ from dedup._types import Sample, Shard
 from dedup.errors import SourceError
 from dedup.sources._common import (
     ENVIRONMENT_ERRORS,
+    OUTSIDE_SOURCE,
     Fields,
+    column_values,
     failed_sample,
     filesystem,
     image_column,
+    is_local,
     map_fields,
     one_line,
+    outside,
     scalar_columns,
+    source_root,
 )
 
 _BATCH_ROWS = 1024
@@ -30,6 +35,7 @@ _BATCH_ROWS = 1024
 _KEY_WIDTH = 9
 NO_IMAGE_BYTES = "no image bytes in parquet"
 DAMAGED_KEY = "<damaged>"
+OUTSIDE_KEY = "<outside>"
 
 
 def read_i2d_parquet(shard: Shard) -> Iterator[Sample]:
@@ -56,6 +62,11 @@ def _read_rows(shard: Shard, *, with_images: bool) -> Iterator[Sample]:
     """Shared row loop. A file that turns out damaged part-way yields what it could read and
     then one failed ``f"{shard_id}/<damaged>"`` sample: nothing says which rows were lost."""
     fs, path = filesystem(shard.path)
+    confine_to = source_root(shard.source)
+    if confine_to is not None and is_local(fs) and outside(path, confine_to):
+        # Discovery never makes such a shard; the file was swapped for a link since.
+        yield failed_sample(f"{shard.shard_id}/{OUTSIDE_KEY}", OUTSIDE_KEY, OUTSIDE_SOURCE)
+        return
     try:
         fh = fs.open(path, "rb")
     except ENVIRONMENT_ERRORS as err:
@@ -74,7 +85,7 @@ def _read_rows(shard: Shard, *, with_images: bool) -> Iterator[Sample]:
                 columns.append(image)
             has_key = "key" in columns
             for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-                values = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
+                values = {name: column_values(batch.column(i)) for i, name in enumerate(batch.schema.names)}
                 images = values.pop(image) if image is not None else None
                 names = list(values)
                 for i in range(batch.num_rows):

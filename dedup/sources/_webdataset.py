@@ -18,16 +18,23 @@ from dedup._types import Sample, Shard
 from dedup.errors import SourceError
 from dedup.sources._common import (
     ENVIRONMENT_ERRORS,
+    MAX_FILE_BYTES,
+    OUTSIDE_SOURCE,
     Fields,
+    clean_text,
     decode_text,
     failed_sample,
     filesystem,
+    is_local,
     map_fields,
     one_line,
+    outside,
     parse_json,
     pick_image_field,
     read_sidecar,
+    source_root,
     split_name,
+    too_large,
 )
 
 # Raised by tarfile and its decompressors on damaged data (as opposed to a failing disk or network).
@@ -38,6 +45,7 @@ MISSING = "missing from tar"
 NO_IMAGE = "no image member in tar"
 DAMAGED_KEY = "<damaged>"
 SIDECAR_KEY = "<sidecar>"
+OUTSIDE_KEY = "<outside>"
 
 _DRAIN_CHUNK = 1 << 16
 
@@ -65,18 +73,27 @@ def read_webdataset(shard: Shard) -> Iterator[Sample]:
     usual. When a sidecar exists, every sample it lists that the tar lacked becomes a failed
     sample with error ``"missing from tar (shard truncated?)"``: one row per real sample, no
     made-up rows. Without a sidecar nobody knows which samples were lost, so one extra failed
-    sample ``f"{shard_id}/<damaged>"`` carries the damage instead. An unreadable sidecar likewise
+    sample ``f"{shard_id}/<damaged>"`` carries the damage instead (and so it does when no row
+    would otherwise say that the tar is damaged). An unreadable sidecar likewise
     adds a failed ``f"{shard_id}/<sidecar>"`` sample and the tar is read on its own.
 
     Tar members are only ever names: nothing is written to disk, so absolute or ``..`` names
-    are harmless and simply become keys.
+    are harmless and simply become keys (names that are not valid UTF-8 are escaped, see
+    :func:`~dedup.sources._common.clean_text`). Links, devices and other non-file members
+    are passed over: they hold no bytes.
     """
     fs, path = filesystem(shard.path)
-    sidecar = read_sidecar(fs, sidecar_path(path))
+    confine_to = source_root(shard.source)
+    if confine_to is not None and is_local(fs) and outside(path, confine_to):
+        # Discovery never makes such a shard; the tar was swapped for a link since.
+        yield failed_sample(f"{shard.shard_id}/{OUTSIDE_KEY}", OUTSIDE_KEY, OUTSIDE_SOURCE)
+        return
+    sidecar = read_sidecar(fs, sidecar_path(path), confine_to=confine_to)
     if sidecar.error is not None:
         yield failed_sample(f"{shard.shard_id}/{SIDECAR_KEY}", SIDECAR_KEY, sidecar.error)
     damage = _Damage()
     times_seen: dict[str, int] = {}
+    reported = False  # whether a row already says the tar was cut short
     try:
         fh = fs.open(path, "rb")
     except ENVIRONMENT_ERRORS as err:
@@ -84,12 +101,16 @@ def read_webdataset(shard: Shard) -> Iterator[Sample]:
             f"cannot open shard {shard.path!r}: {err}; hint: the input changed since discovery? run again to rediscover"
         ) from err
     with fh:
-        for key, members in _tar_groups(fh, damage):
+        for raw_key, members in _tar_groups(fh, damage):
+            listed = sidecar.pop(raw_key)
+            key = clean_text(raw_key)
             count = times_seen.get(key, 0) + 1
             times_seen[key] = count
             # A key split across non-adjacent members (never img2dataset) must not repeat an id.
             sample_id = f"{shard.shard_id}/{key}" if count == 1 else f"{shard.shard_id}/{key}#{count}"
-            yield _tar_sample(sample_id, key, members, sidecar.pop(key), damaged=damage.reason is not None)
+            sample = _tar_sample(sample_id, key, members, listed, damaged=damage.reason is not None)
+            reported = reported or sample.error == MISSING_TRUNCATED
+            yield sample
     if sidecar.rows:
         for key in sorted(sidecar.rows):
             fields = sidecar.rows[key]
@@ -97,12 +118,17 @@ def read_webdataset(shard: Shard) -> Iterator[Sample]:
                 error = fields.failure()
             else:
                 error = MISSING_TRUNCATED if damage.reason is not None else MISSING
+            reported = reported or error == MISSING_TRUNCATED
             yield failed_sample(f"{shard.shard_id}/{key}", key, error, fields)
-    if damage.reason is not None and sidecar.rows is None:
+    if damage.reason is not None and (sidecar.rows is None or not reported):
+        # No row has said the tar is damaged: without a sidecar, or with one that does not list
+        # what was lost (a cut at a member boundary past its last listed sample, say).
         yield failed_sample(f"{shard.shard_id}/{DAMAGED_KEY}", DAMAGED_KEY, f"tar damaged: {damage.reason}")
 
 
-def _tar_sample(sample_id: str, key: str, members: dict[str, bytes], listed: Fields | None, *, damaged: bool) -> Sample:
+def _tar_sample(
+    sample_id: str, key: str, members: dict[str, bytes | int], listed: Fields | None, *, damaged: bool
+) -> Sample:
     """One tar sample: image from the image member, caption from ``.txt``, the rest from ``.json``.
 
     The sidecar row (``listed``) fills what the ``.json`` lacks, e.g. when the json is
@@ -112,20 +138,25 @@ def _tar_sample(sample_id: str, key: str, members: dict[str, bytes], listed: Fie
     if listed is not None:
         record.update(listed.as_record())
     meta = members.get("json")
-    if meta is not None:
+    if isinstance(meta, bytes):
         record.update(parse_json(meta))
     fields = map_fields(record)
-    caption = decode_text(members["txt"]) if "txt" in members else fields.caption
+    text = members.get("txt")
+    caption = decode_text(text) if isinstance(text, bytes) else fields.caption
     image_field = pick_image_field(members)
     if image_field is None:
         # ``damaged`` is only ever set while the last group (the one cut short) is yielded.
         error = MISSING_TRUNCATED if damaged else NO_IMAGE
         fields.caption = caption
         return failed_sample(sample_id, key, error, fields)
+    data = members[image_field]
+    if isinstance(data, int):  # over MAX_FILE_BYTES: never read
+        fields.caption = caption
+        return failed_sample(sample_id, key, f"tar member {too_large(data)}", fields)
     return Sample(
         sample_id=sample_id,
         key=key,
-        data=members[image_field],
+        data=data,
         url=fields.url,
         caption=caption,
         width=fields.width,
@@ -134,7 +165,7 @@ def _tar_sample(sample_id: str, key: str, members: dict[str, bytes], listed: Fie
     )
 
 
-def _tar_groups(fh: IO[bytes], damage: _Damage) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _tar_groups(fh: IO[bytes], damage: _Damage) -> Iterator[tuple[str, dict[str, bytes | int]]]:
     """Stream ``(key, {field: bytes})`` groups of adjacent members, one group in memory at a time.
 
     ``tarfile`` in stream mode ends *silently* at a truncated or garbled header once past the
@@ -154,7 +185,7 @@ def _tar_groups(fh: IO[bytes], damage: _Damage) -> Iterator[tuple[str, dict[str,
                 raise
 
     key: str | None = None
-    members: dict[str, bytes] = {}
+    members: dict[str, bytes | int] = {}
     try:
         with tarfile.open(fileobj=fh, mode="r|*", tarinfo=_RecordingTarInfo) as tar:
             while (member := tar.next()) is not None:
@@ -167,6 +198,13 @@ def _tar_groups(fh: IO[bytes], damage: _Damage) -> Iterator[tuple[str, dict[str,
                     if key is not None:
                         yield key, members
                     key, members = member_key, {}
+                if name in members:
+                    # The same field twice in one sample (``x.jpg`` and ``x.JPG``): the first
+                    # wins, so a tar cut short can never change the bytes of a sample it keeps.
+                    continue
+                if member.size > MAX_FILE_BYTES:
+                    members[name] = member.size  # not read: stream mode skips its data
+                    continue
                 extracted = tar.extractfile(member)
                 if extracted is not None:
                     members[name] = extracted.read()
