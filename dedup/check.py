@@ -1,0 +1,669 @@
+"""``dedup check``: gate a new drop of data on its duplicates, inside itself and against a baseline.
+
+::
+
+    drop ─► plan (its shards the index lacks) ─► fingerprint + embed (work folder)
+         ─► links inside the drop: the run's own search (find_edges) over the drop alone
+         ─► links to the baseline: faiss range search of the drop's embeddings and PDQ/pHash
+            codes against the index's faiss files, exact bytes/pixels against its hashes
+         ─► numbers ─► limits (GateConfig) ─► pass / fail  [─► --update: index add of the drop]
+
+The work grows with the drop: only the drop is decoded and embedded, and every search has the
+drop's rows as queries against indexes read from disk (the baseline is never re-embedded nor
+re-searched against itself). The baseline is read once, under a shared lock, and never written:
+any number of checks can run against one index at once; ``update=True`` adds the drop through
+:func:`dedup.index.add` (exclusive lock) when the gate passes, failing cleanly if the index
+changed since it was read.
+
+The signals and thresholds are the baseline's own (its config, in ``index/meta.json``), so a
+check finds the links that ``index add`` would make. The numbers behind the limits:
+
+* **duplicating the baseline**: ok drop samples with a direct link (any signal) to an ok
+  baseline sample, over the drop's ok samples;
+* **duplicated within the drop**: ok drop samples a run over the drop alone would drop as
+  copies of another drop sample (a cluster of k counts k - 1), over the drop's ok samples;
+* **largest cluster**: the largest cluster holding a drop sample once the drop joins the index:
+  drop samples plus the members of every baseline cluster they link to.
+
+Nothing here prints or exits: :func:`check` returns a :class:`CheckResult`; :func:`to_json`,
+:func:`to_junit`, :func:`to_markdown` and :func:`summary_lines` render it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedup.cluster import components
+from dedup.config import GateConfig, KeepPolicy, RunConfig
+from dedup.index import AddPlan, Index, IndexUnreadableError, add, hash_codes, open_index, plan_add, resolve_source
+from dedup.manifest import build_manifest
+from dedup.search import Edges, Signal, normalise_caption, normalise_url
+from dedup.select import keepers
+
+if TYPE_CHECKING:
+    from dedup.executors.base import Executor
+    from dedup.pipeline import ProgressFactory
+
+# The baseline columns a check reads (samples.parquet), all in one consistent snapshot.
+BASELINE_COLUMNS = (
+    "sample_id", "url", "caption", "status", "has_image", "embedded", "sha256", "pixel_sha256", "cluster_id",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A drop sample and its strongest link to another sample (in the baseline or the drop)."""
+
+    sample_id: str
+    url: str | None
+    match_id: str
+    match_url: str | None
+    similarity: float
+    signal: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sample_id": self.sample_id,
+            "url": self.url,
+            "match_id": self.match_id,
+            "match_url": self.match_url,
+            "similarity": round(self.similarity, 6),
+            "signal": self.signal,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LimitResult:
+    """One limit of the gate: the drop's value, the limit (negative: off) and the verdict."""
+
+    name: str  # the GateConfig field
+    label: str  # what it measures, for people
+    value: float
+    limit: float
+    count: int  # the samples behind a share (the cluster size for max_cluster_size)
+    is_share: bool
+
+    @property
+    def off(self) -> bool:
+        return self.limit < 0
+
+    @property
+    def passed(self) -> bool:
+        # A share is a ratio of counts: compare with a little slack so 5/100 meets 0.05.
+        return self.off or self.value <= self.limit + 1e-12
+
+    def show(self, value: float) -> str:
+        return f"{value:.1%}" if self.is_share else f"{int(value)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "value": self.value,
+            "count": self.count,
+            "limit": None if self.off else self.limit,
+            "passed": self.passed,
+            "off": self.off,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    source: str
+    against: str
+    baseline_samples: int
+    baseline_generation: int
+    samples: int  # the drop's rows (new shards only)
+    ok: int
+    failed: int
+    new_shards: int
+    known_shards: int  # shards of the source the index already holds: not checked
+    duplicating_baseline: int
+    duplicated_within_drop: int
+    largest_cluster: int
+    largest_cluster_drop_samples: int
+    largest_cluster_example: str | None
+    baseline_links_by_signal: dict[str, int]  # drop samples by the signal of their strongest baseline link
+    limits: tuple[LimitResult, ...]
+    baseline_matches: tuple[Match, ...]  # worst first (strongest signal, then similarity); at most ``top``
+    drop_matches: tuple[Match, ...]
+    updated: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(limit.passed for limit in self.limits)
+
+    @property
+    def failed_limits(self) -> tuple[LimitResult, ...]:
+        return tuple(limit for limit in self.limits if not limit.passed)
+
+    @property
+    def share_duplicating_baseline(self) -> float:
+        return self.duplicating_baseline / self.ok if self.ok else 0.0
+
+    @property
+    def share_duplicated_within_drop(self) -> float:
+        return self.duplicated_within_drop / self.ok if self.ok else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "source": self.source,
+            "against": self.against,
+            "baseline": {"samples": self.baseline_samples, "generation": self.baseline_generation},
+            "drop": {
+                "samples": self.samples,
+                "ok": self.ok,
+                "failed": self.failed,
+                "new_shards": self.new_shards,
+                "known_shards": self.known_shards,
+            },
+            "duplicating_baseline": {
+                "samples": self.duplicating_baseline,
+                "share": self.share_duplicating_baseline,
+                "by_signal": dict(sorted(self.baseline_links_by_signal.items())),
+            },
+            "duplicated_within_drop": {
+                "samples": self.duplicated_within_drop,
+                "share": self.share_duplicated_within_drop,
+            },
+            "largest_cluster": {
+                "size": self.largest_cluster,
+                "drop_samples": self.largest_cluster_drop_samples,
+                "example": self.largest_cluster_example,
+            },
+            "limits": [limit.to_dict() for limit in self.limits],
+            "baseline_matches": [m.to_dict() for m in self.baseline_matches],
+            "drop_matches": [m.to_dict() for m in self.drop_matches],
+            "updated": self.updated,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def check(
+    source: str,
+    against: str | Path,
+    *,
+    gate: GateConfig | None = None,
+    top: int = 20,
+    work: str | Path | None = None,
+    update: bool = False,
+    workers: int | None = None,
+    batch_size: int | None = None,
+    executor: Executor | None = None,
+    progress: ProgressFactory | None = None,
+) -> CheckResult:
+    """Check the drop ``source`` against the index of the output folder ``against``.
+
+    ``gate``: the limits (default: :class:`GateConfig`'s). ``top``: how many matches of each
+    kind the result lists. ``work``: where the drop's features go (default: a temporary folder,
+    removed afterwards; a folder of your own keeps them, and a rerun resumes from them).
+    ``update``: add the drop to the index when the gate passes.
+
+    Raises:
+        IndexUnreadableError: ``against`` holds no readable index.
+        SourceError: the drop cannot be read.
+        IndexConflictError: a shard of the drop is in the index with other contents, or (with
+            ``update``) the index changed while the check ran.
+    """
+    from dedup import pipeline
+
+    limits_cfg = gate or GateConfig()
+    prog = progress or pipeline._silent
+    started = time.perf_counter()
+    base = open_index(against, columns=BASELINE_COLUMNS, search=True)
+    cfg = base.config.with_overrides({"workers": workers, "embed.batch_size": batch_size})
+    plan = plan_add(base, [source], folder_batch=cfg.folder_batch)
+    loaded = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dedup-check-") as tmp:
+        work_dir = (Path(work) if work is not None else Path(tmp)) / cfg.stage_key()
+        table, vectors, _ = pipeline.featurize(plan.new, work_dir, cfg, executor=executor, progress=prog)
+        table = table.combine_chunks()
+        featurized = time.perf_counter()
+        # The drop is featurized under the ids an add would give it (so --update reuses the
+        # work); people read its samples by their ids in the drop.
+        position = resolve_position(plan, source)
+        with prog("search (drop)", 1, "step") as bar:
+            result = _assess(base, table, vectors, cfg, limits_cfg, top=top, strip=plan.prefix(position))
+            bar.update(1)
+        searched = time.perf_counter()
+        updated = False
+        if update and result["passed"] and plan.new:
+            add(
+                [source],
+                against,
+                workers=workers,
+                batch_size=batch_size,
+                work=work_dir,
+                expect_generation=base.generation,
+                executor=executor,
+                progress=prog,
+            )
+            updated = True
+    done = time.perf_counter()
+    result.pop("passed")
+    return CheckResult(
+        source=source,
+        against=str(against),
+        baseline_samples=base.num_samples,
+        baseline_generation=base.generation,
+        samples=table.num_rows,
+        new_shards=len(plan.new),
+        known_shards=len(plan.known),
+        updated=updated,
+        seconds={
+            "open_index": loaded - started,
+            "featurize": featurized - loaded,
+            "search": searched - featurized,
+            "update": done - searched,
+            "total": done - started,
+        },
+        **result,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The numbers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CrossLinks:
+    """Links from drop rows to baseline rows (not symmetric, so not :class:`Edges`)."""
+
+    drop: np.ndarray  # int64 drop rows
+    base: np.ndarray  # int64 baseline rows
+    score: np.ndarray  # float32
+    signal: np.ndarray  # int8 Signal codes
+
+    @classmethod
+    def of(cls, drop: np.ndarray, base: np.ndarray, score: np.ndarray, signal: Signal) -> CrossLinks:
+        n = len(drop)
+        return cls(
+            np.asarray(drop, np.int64),
+            np.asarray(base, np.int64),
+            np.asarray(score, np.float32).reshape(n),
+            np.full(n, int(signal), np.int8),
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[CrossLinks]) -> CrossLinks:
+        if not parts:
+            return cls.of(np.empty(0), np.empty(0), np.empty(0), Signal.EXACT_BYTES)
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("drop", "base", "score", "signal")))
+
+    def __len__(self) -> int:
+        return int(self.drop.shape[0])
+
+
+def baseline_links(base: Index, table: pa.Table, vectors: np.ndarray, cfg: RunConfig) -> CrossLinks:
+    """Every link from a drop row to a baseline row that the configured signals make.
+
+    The same signals and thresholds as :func:`dedup.pipeline.find_edges`; the drop's rows are
+    the queries, the index's faiss files the database.
+    """
+    search = cfg.search
+    ok = _bool(table, "status", "ok")
+    has_image = _bool(table, "has_image") & ok
+    b = base.samples
+    b_ok = _bool(b, "status", "ok")
+    parts: list[CrossLinks] = []
+
+    if search.exact:
+        parts.append(_exact_links(table.column("sha256"), ok, b.column("sha256"), b_ok, Signal.EXACT_BYTES))
+        parts.append(_exact_links(table.column("pixel_sha256"), ok, b.column("pixel_sha256"), b_ok, Signal.EXACT_PIXELS))
+
+    if vectors.shape[0] and base.embeddings is not None:
+        if int(base.embeddings.d) != int(vectors.shape[1]):
+            raise IndexUnreadableError(
+                f"the index in {base.directory} holds {base.embeddings.d}-d embeddings, its model gives "
+                f"{vectors.shape[1]}-d ones; hint: the index is damaged or was built by another version: rebuild it"
+            )
+        rows = np.flatnonzero(_bool(table, "embedded"))
+        base_rows = np.flatnonzero(_bool(b, "embedded"))  # faiss id (emb_row) -> sample row
+        x = np.ascontiguousarray(vectors, np.float32)
+        # faiss keeps scores strictly above the radius; step just below so ">= threshold" holds.
+        radius = float(np.nextafter(np.float32(search.threshold), np.float32(-np.inf)))
+        for start in range(0, x.shape[0], max(1, search.block_size)):
+            stop = min(x.shape[0], start + search.block_size)
+            lims, dist, idx = base.embeddings.range_search(x[start:stop], radius)
+            q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims.astype(np.int64)))
+            keep = dist >= search.threshold
+            parts.append(CrossLinks.of(rows[q[keep]], base_rows[idx[keep]], dist[keep], Signal.EMBEDDING))
+
+    for column, distance, index, signal in (
+        ("pdq", search.pdq_distance, base.pdq, Signal.PDQ),
+        ("phash", search.phash_distance, base.phash, Signal.PHASH),
+    ):
+        if distance < 0 or index is None:
+            continue
+        rows, codes = hash_codes(table, column, has_image)
+        bits = codes.shape[1] * 8
+        for start in range(0, rows.shape[0], max(1, search.block_size)):
+            stop = min(rows.shape[0], start + search.block_size)
+            # faiss keeps distances strictly below the radius; ids are baseline sample rows.
+            lims, dist, ids = index.range_search(np.ascontiguousarray(codes[start:stop]), distance + 1)
+            q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims.astype(np.int64)))
+            score = 1.0 - np.asarray(dist, np.float32) / bits
+            parts.append(CrossLinks.of(rows[q], ids, score, signal))
+
+    # URL and caption links only between samples nobody could look at, as in a run.
+    meta_only = ok & ~_bool(table, "has_image")
+    if meta_only.any():
+        b_meta = b_ok & ~_bool(b, "has_image")
+        for enabled, column, norm, signal in (
+            (search.url, "url", normalise_url, Signal.URL),
+            (search.caption, "caption", normalise_caption, Signal.CAPTION),
+        ):
+            if not enabled or not b_meta.any():
+                continue
+            mine = [norm(v) if meta_only[r] else None for r, v in enumerate(table.column(column).to_pylist())]
+            theirs = [norm(v) if b_meta[r] else None for r, v in enumerate(b.column(column).to_pylist())]
+            parts.append(_first_holder_links(mine, theirs, signal))
+    return CrossLinks.concat(parts)
+
+
+def _exact_links(mine: pa.ChunkedArray, ok: np.ndarray, theirs: pa.ChunkedArray, their_ok: np.ndarray, signal: Signal) -> CrossLinks:
+    """Drop rows whose value some ok baseline row holds, linked to the first such row. One
+    link is enough: the baseline's holders of one value already share a cluster."""
+    values = [v if ok[r] else None for r, v in enumerate(mine.to_pylist())]
+    wanted = pa.array([v for v in values if v], mine.type)
+    if not len(wanted):
+        return CrossLinks.concat([])
+    hit = np.asarray(pc.is_in(theirs, value_set=wanted).fill_null(False).to_numpy(zero_copy_only=False), bool) & their_ok
+    rows = np.flatnonzero(hit)
+    first: dict[bytes, int] = {}
+    for row, value in zip(rows.tolist(), theirs.take(pa.array(rows, pa.int64())).to_pylist(), strict=True):
+        first.setdefault(value, row)
+    return _first_holder_links(values, first, signal)
+
+
+def _first_holder_links(mine: Sequence[object], theirs: Sequence[object] | dict[Any, int], signal: Signal) -> CrossLinks:
+    if not isinstance(theirs, dict):
+        first: dict[Any, int] = {}
+        for row, value in enumerate(theirs):
+            if value:
+                first.setdefault(value, row)
+        theirs = first
+    drop, base = [], []
+    for row, value in enumerate(mine):
+        if value and value in theirs:
+            drop.append(row)
+            base.append(theirs[value])
+    return CrossLinks.of(np.array(drop, np.int64), np.array(base, np.int64), np.ones(len(drop), np.float32), signal)
+
+
+def resolve_position(plan: AddPlan, source: str) -> int:
+    """The position ``source`` has (or would get) among the index's sources."""
+    resolved = resolve_source(source)
+    return next(i for i, s in enumerate(plan.sources) if s.resolved == resolved)
+
+
+def _assess(
+    base: Index, table: pa.Table, vectors: np.ndarray, cfg: RunConfig, gate: GateConfig, *, top: int, strip: str = ""
+) -> dict[str, Any]:
+    """Every number of a :class:`CheckResult` but the bookkeeping ones, and the verdict.
+
+    ``strip``: the index prefix of the drop's ids, left out of the ids shown."""
+    from dedup.pipeline import find_edges
+
+    m = table.num_rows
+    ok = _bool(table, "status", "ok")
+    n_ok = int(ok.sum())
+    label = cfg.embed.model.value
+    ids = [i.removeprefix(strip) for i in table.column("sample_id").to_pylist()]
+    urls = table.column("url").to_pylist()
+
+    # Inside the drop: what a run over the drop alone would make of it (keeping the first).
+    edges, _ = find_edges(table, vectors, cfg.with_overrides({"search.report_thresholds": []}))
+    labels = components(m, edges)
+    keep_row = keepers(labels, policy=KeepPolicy.FIRST, eligible=ok)
+    mini = build_manifest(table, labels, keep_row, edges, embedding_label=label)
+    reason = mini.column("reason").to_pylist()
+    dup_rows = [r for r in range(m) if reason[r] == "duplicate"]
+    sims = mini.column("similarity").to_pylist()
+    sigs = mini.column("signal").to_pylist()
+    drop_matches = sorted(
+        (
+            Match(ids[r], urls[r], ids[int(keep_row[r])], urls[int(keep_row[r])], float(sims[r] or 0.0), sigs[r] or "")
+            for r in dup_rows
+        ),
+        key=lambda mt: (_signal_rank(mt.signal, label), -mt.similarity, mt.sample_id),
+    )
+
+    # Against the baseline: each drop sample's strongest link (exact first, then the highest score).
+    links = baseline_links(base, table, vectors, cfg)
+    b = base.samples
+    b_ids = b.column("sample_id")
+    b_urls = b.column("url")
+    best: list[tuple[int, int, float, int]] = []
+    if len(links):
+        order = np.lexsort((links.base, -links.score, links.signal, links.drop))
+        d, bb, s, g = links.drop[order], links.base[order], links.score[order], links.signal[order]
+        first = np.ones(d.shape[0], bool)
+        first[1:] = d[1:] != d[:-1]
+        best = sorted(
+            zip(d[first].tolist(), bb[first].tolist(), s[first].tolist(), g[first].tolist(), strict=True),
+            key=lambda t: (t[3], -t[2], t[0]),
+        )
+    by_signal: dict[str, int] = {}
+    for _, _, _, code in best:
+        name = _signal_label(code, label)
+        by_signal[name] = by_signal.get(name, 0) + 1
+    shown = best[: max(0, top)]
+    b_rows = pa.array([t[1] for t in shown], pa.int64())
+    shown_ids = b_ids.take(b_rows).to_pylist()
+    shown_urls = b_urls.take(b_rows).to_pylist()
+    baseline_matches = tuple(
+        Match(ids[d_], urls[d_], shown_ids[k], shown_urls[k], float(s_), _signal_label(g_, label))
+        for k, (d_, _, s_, g_) in enumerate(shown)
+    )
+
+    # The largest cluster holding a drop sample once the drop joins: drop rows are nodes 0..m-1,
+    # each baseline cluster a drop row links to is one more node, weighing its size.
+    b_cluster = np.asarray(b.column("cluster_id").to_numpy(zero_copy_only=False), np.int64)
+    b_ok = _bool(b, "status", "ok")
+    touched, node = np.unique(b_cluster[links.base], return_inverse=True) if len(links) else (np.empty(0, np.int64), np.empty(0, np.int64))
+    all_clusters, all_sizes = np.unique(b_cluster[b_ok], return_counts=True)
+    touched_sizes = all_sizes[np.searchsorted(all_clusters, touched)] if touched.size else np.empty(0, np.int64)
+    graph = Edges.concat(
+        [edges, Edges.of(links.drop, m + np.asarray(node, np.int64), links.score, Signal.EMBEDDING)]
+    )
+    merged = components(m + int(touched.size), graph)
+    weight = np.concatenate([ok.astype(np.float64), touched_sizes.astype(np.float64)])
+    size = np.bincount(merged, weights=weight, minlength=m + int(touched.size))
+    drop_in = np.bincount(merged[:m], weights=ok.astype(np.float64), minlength=m + int(touched.size))
+    largest = largest_drop = 0
+    example: str | None = None
+    if n_ok:
+        ok_rows = np.flatnonzero(ok)
+        r = int(ok_rows[np.argmax(size[merged[ok_rows]])])  # first row of the largest: deterministic
+        largest, largest_drop, example = int(size[merged[r]]), int(drop_in[merged[r]]), ids[r]
+
+    within = len(dup_rows)
+    duplicating = len(best)
+    limits = (
+        LimitResult(
+            "max_share_duplicating_baseline", "duplicates of the baseline",
+            duplicating / n_ok if n_ok else 0.0, gate.max_share_duplicating_baseline, duplicating, True,
+        ),
+        LimitResult(
+            "max_share_duplicated_within_drop", "duplicates within the drop",
+            within / n_ok if n_ok else 0.0, gate.max_share_duplicated_within_drop, within, True,
+        ),
+        LimitResult(
+            "max_cluster_size", "largest cluster", float(largest), float(gate.max_cluster_size), largest, False,
+        ),
+    )
+    return {
+        "ok": n_ok,
+        "failed": m - n_ok,
+        "duplicating_baseline": duplicating,
+        "duplicated_within_drop": within,
+        "largest_cluster": largest,
+        "largest_cluster_drop_samples": largest_drop,
+        "largest_cluster_example": example,
+        "baseline_links_by_signal": by_signal,
+        "limits": limits,
+        "baseline_matches": baseline_matches,
+        "drop_matches": tuple(drop_matches[: max(0, top)]),
+        "passed": all(limit.passed for limit in limits),
+    }
+
+
+def _bool(table: pa.Table, column: str, equals: str | None = None) -> np.ndarray:
+    values = table.column(column).to_numpy(zero_copy_only=False)
+    if equals is not None:
+        return np.asarray(values == equals, bool)
+    return np.asarray(values, bool)
+
+
+def _signal_label(code: int, embedding_label: str) -> str:
+    return embedding_label if code == Signal.EMBEDDING else Signal(code).label
+
+
+def _signal_rank(name: str, embedding_label: str) -> int:
+    for s in Signal:
+        if _signal_label(int(s), embedding_label) == name:
+            return int(s)
+    return len(Signal)
+
+
+# --------------------------------------------------------------------------------------------
+# Renderings
+# --------------------------------------------------------------------------------------------
+
+
+def to_json(result: CheckResult) -> str:
+    return json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def summary_lines(result: CheckResult) -> list[str]:
+    """A few lines for people: the verdict, the drop, one line per limit, the worst match."""
+    verdict = "PASSED" if result.passed else f"FAILED ({len(result.failed_limits)} of {len(result.limits)} limits exceeded)"
+    lines = [
+        f"dedup check: {verdict}",
+        f"drop {result.source}: {result.samples} samples ({result.failed} failed) in {_shards(result.new_shards)}"
+        + (f" ({result.known_shards} already in the index, skipped)" if result.known_shards else "")
+        + f" · baseline {result.against}: {result.baseline_samples} samples",
+    ]
+    for limit in result.limits:
+        status = "off " if limit.off else ("ok  " if limit.passed else "FAIL")
+        bound = "no limit" if limit.off else (f"limit {limit.show(limit.limit)}")
+        count = f" ({limit.count} sample{'' if limit.count == 1 else 's'})" if limit.is_share else ""
+        lines.append(f"  {status} {limit.label}: {limit.show(limit.value)}{count}, {bound}")
+    if result.baseline_matches:
+        w = result.baseline_matches[0]
+        lines.append(f"worst: {w.sample_id} duplicates {w.match_id} ({w.signal}, {w.similarity:.3f})")
+    if result.updated:
+        lines.append(f"added to the index: {result.against}")
+    return lines
+
+
+def to_junit(result: CheckResult) -> str:
+    """JUnit XML: one testsuite, one testcase per limit (failure when exceeded, skipped when off)."""
+    failures = len(result.failed_limits)
+    skipped = sum(1 for limit in result.limits if limit.off)
+    total = f"{result.seconds.get('total', 0.0):.3f}"
+    suites = ET.Element("testsuites", name="dedup check", tests=str(len(result.limits)), failures=str(failures),
+                        errors="0", skipped=str(skipped), time=total)
+    suite = ET.SubElement(suites, "testsuite", name=f"dedup check {result.source}", tests=str(len(result.limits)),
+                          failures=str(failures), errors="0", skipped=str(skipped), time=total)
+    props = ET.SubElement(suite, "properties")
+    for name, value in (
+        ("against", result.against),
+        ("baseline_samples", result.baseline_samples),
+        ("drop_samples", result.samples),
+        ("drop_failed", result.failed),
+        ("duplicating_baseline", result.duplicating_baseline),
+        ("duplicated_within_drop", result.duplicated_within_drop),
+        ("largest_cluster", result.largest_cluster),
+    ):
+        ET.SubElement(props, "property", name=name, value=str(value))
+    for limit in result.limits:
+        case = ET.SubElement(suite, "testcase", classname="dedup.check", name=limit.name, time="0")
+        if limit.off:
+            ET.SubElement(case, "skipped", message="limit turned off")
+        elif not limit.passed:
+            message = f"{limit.label}: {limit.show(limit.value)} exceeds the limit {limit.show(limit.limit)}"
+            failure = ET.SubElement(case, "failure", message=message, type="GateLimitExceeded")
+            failure.text = "\n".join(_evidence(result, limit))
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _evidence(result: CheckResult, limit: LimitResult) -> list[str]:
+    matches = result.drop_matches if limit.name == "max_share_duplicated_within_drop" else result.baseline_matches
+    if limit.name == "max_cluster_size":
+        return [f"largest cluster: {limit.count} samples ({result.largest_cluster_drop_samples} from the drop), "
+                f"e.g. {result.largest_cluster_example}"]
+    return [f"{m.sample_id} -> {m.match_id} ({m.signal}, {m.similarity:.3f})" for m in matches]
+
+
+def to_markdown(result: CheckResult) -> str:
+    """A Markdown summary for a pull-request comment or ``$GITHUB_STEP_SUMMARY``."""
+    head = "✅ passed" if result.passed else "❌ failed"
+    out = [
+        f"## dedup check: {head}",
+        "",
+        f"Drop `{_code(result.source)}`: **{result.samples}** samples ({result.failed} failed) in "
+        f"{_shards(result.new_shards)}, against `{_code(result.against)}` ({result.baseline_samples} samples)."
+        + (f" {result.known_shards} shards already in the index were skipped." if result.known_shards else ""),
+        "",
+        "| check | value | limit | result |",
+        "| --- | ---: | ---: | :---: |",
+    ]
+    for limit in result.limits:
+        value = limit.show(limit.value) + (f" ({limit.count})" if limit.is_share else "")
+        bound = "off" if limit.off else limit.show(limit.limit)
+        verdict = "–" if limit.off else ("✅" if limit.passed else "❌")
+        out.append(f"| {limit.label} | {value} | {bound} | {verdict} |")
+    if result.baseline_matches:
+        out += [
+            "",
+            f"### Worst offenders: duplicates of the baseline ({result.duplicating_baseline})",
+            "",
+            "| sample | baseline match | similarity | signal |",
+            "| --- | --- | ---: | --- |",
+        ]
+        out += [f"| {_cell(m.sample_id)} | {_cell(m.match_id)} | {m.similarity:.3f} | {m.signal} |" for m in result.baseline_matches]
+    if result.drop_matches:
+        out += [
+            "",
+            f"### Duplicates within the drop ({result.duplicated_within_drop})",
+            "",
+            "| sample | duplicate of | similarity | signal |",
+            "| --- | --- | ---: | --- |",
+        ]
+        out += [f"| {_cell(m.sample_id)} | {_cell(m.match_id)} | {m.similarity:.3f} | {m.signal} |" for m in result.drop_matches]
+    if result.largest_cluster > 1:
+        out += ["", f"Largest cluster: {result.largest_cluster} samples ({result.largest_cluster_drop_samples} "
+                    f"from the drop), e.g. {_cell(result.largest_cluster_example or '')}."]
+    if result.updated:
+        out += ["", "The drop was added to the index."]
+    return "\n".join(out) + "\n"
+
+
+def _shards(n: int) -> str:
+    return f"{n} new shard" + ("" if n == 1 else "s")
+
+
+def _code(text: str) -> str:
+    return text.replace("`", "'")
+
+
+def _cell(text: str) -> str:
+    """A sample id as a table cell: in backticks, with the characters that break tables escaped."""
+    return "`" + _code(text).replace("|", "\\|").replace("\n", " ") + "`"
