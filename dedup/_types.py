@@ -15,6 +15,7 @@ class ShardKind(StrEnum):
     I2D_FILES = "img2dataset-files"  # img2dataset output_format=files: NNNNN/ with key.jpg/.txt/.json
     FOLDER = "folder"  # a batch of image paths from a plain folder tree
     LAION_METADATA = "laion-metadata"  # parquet of URL, TEXT, ... without image bytes
+    EMBEDDINGS = "embeddings"  # clip-retrieval: img_emb/img_emb_K.npy + metadata/metadata_K.parquet
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
 
 from dedup.config import EmbedModel, KeepPolicy, RunConfig, load_config
-from dedup.errors import DedupError
+from dedup.errors import ConfigError, DedupError, printable
 
 app = typer.Typer(
     name="dedup",
@@ -33,6 +34,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+class ExecutorKind(StrEnum):
+    LOCAL = "local"  # this machine: one process, or --workers processes
+    RAY = "ray"  # a Ray cluster: a local one started on the spot, or --ray-address
+
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; only errors and the summary.")]
 
@@ -52,7 +58,8 @@ def _progress_factory(quiet: bool) -> Any:
 
 
 def _fail(err: DedupError) -> typer.Exit:
-    typer.echo(f"Error: {err}", err=True)
+    # Messages echo paths, URLs and names from the data: no terminal escapes, one line.
+    typer.echo(f"Error: {printable(str(err))}", err=True)
     return typer.Exit(err.exit_code)
 
 
@@ -85,6 +92,10 @@ def run(
     workers: Annotated[int | None, typer.Option(help="Shards processed at once (processes).", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per model batch.", min=1)] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Refuse images declaring more pixels than this, before decoding them (decompression bombs); such images are failed rows.", min=1)] = None,
+    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help="Allow loading model files that run code when loaded: TorchScript (sscd-torchscript) and pickled .pt/.bin CLIP weights. Only for files you trust.")] = False,
+    executor: Annotated[ExecutorKind, typer.Option(help="Where the per-shard work runs: local processes, or Ray (starts a local Ray; --ray-address joins a cluster). Ray needs: pip install 'dedup\\[ray]'.")] = ExecutorKind.LOCAL,
+    ray_address: Annotated[str | None, typer.Option(help="The Ray cluster to join with --executor ray, e.g. auto or ray://head:10001.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Deduplicate SOURCES into OUT: manifest.parquet, keep.parquet, report.json/html, index/.
@@ -103,15 +114,32 @@ def run(
                 "embed.model_path": model_path,
                 "embed.batch_size": batch_size,
                 "embed.device": device,
+                "embed.trust_code": True if trust_model_code else None,
+                "fingerprint.max_pixels": max_pixels,
                 "keep.policy": keep.value if keep else (KeepPolicy.COLUMN.value if keep_column else None),
                 "keep.column": keep_column,
                 "workers": workers,
             }
         )
-        result = run_pipeline(sources, out, config=cfg, progress=_progress_factory(quiet))
+        runner = _executor(executor, ray_address, workers)
+        result = run_pipeline(sources, out, config=cfg, executor=runner, progress=_progress_factory(quiet))
     except DedupError as err:
         raise _fail(err) from None
+    except KeyboardInterrupt:
+        typer.echo("Interrupted: finished shards are kept; rerun the same command to resume.", err=True)
+        raise typer.Exit(130) from None
     _summary(result)
+
+
+def _executor(kind: ExecutorKind, address: str | None, workers: int | None) -> Any:
+    """None for the local executor (the pipeline builds it from the config's workers)."""
+    if kind is ExecutorKind.LOCAL:
+        if address is not None:
+            raise ConfigError("--ray-address needs --executor ray; hint: add --executor ray")
+        return None
+    from dedup.executors.ray import RayExecutor
+
+    return RayExecutor(address=address, workers=workers or 0)  # 0: one actor per CPU of the cluster
 
 
 @app.command()
@@ -173,6 +201,135 @@ def report(out: Annotated[Path, typer.Argument(help="The --out folder of a finis
     except DedupError as err:
         raise _fail(err) from None
     typer.echo(f"report: {path}")
+
+
+@app.command()
+def query(
+    images: Annotated[list[Path], typer.Argument(help="Generated images: files or folders (searched recursively).", show_default=False)],
+    index: Annotated[Path, typer.Option("--index", "-i", help="The --out folder of `dedup run` (or its index/ folder).")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Training matches per image.", min=1)] = 5,
+    flag_at: Annotated[float, typer.Option(help="Similarity at which a generation is flagged as a copy (the paper's SSCD level: 0.5).", min=-1.0, max=1.0)] = 0.5,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for matches.parquet and matches.html.")] = Path("query-out"),
+    quiet: Quiet = False,
+) -> None:
+    """Find each generated image's closest training images, with the index's own model.
+
+    Writes OUT/matches.parquet (one row per image and rank) and OUT/matches.html (side by side), and prints the share of generations flagged.
+
+    Example: dedup query generations/ --index dedup-out/ --top-k 5
+    """
+    from dedup.query import query as run_query
+
+    try:
+        result = run_query(images, index, out=out, top_k=top_k, flag_at=flag_at, progress=_progress_factory(quiet))
+    except DedupError as err:
+        raise _fail(err) from None
+    for name, error in result.failed:
+        typer.echo(f"warning: {name}: {error}", err=True)
+    typer.echo(
+        f"{result.matched} generations · {result.flagged} flagged ({result.share_flagged:.2%}) at "
+        f"{result.model} similarity ≥ {result.flag_at:g}"
+        + (f" · {len(result.failed)} could not be read" if result.failed else "")
+    )
+    typer.echo(f"matches: {result.out / 'matches.parquet'}   page: {result.out / 'matches.html'}")
+
+
+@app.command()
+def check(
+    source: Annotated[str, typer.Argument(help="The new drop: a folder, file or URL, as for `dedup run`.", show_default=False)],
+    against: Annotated[Path, typer.Option("--against", "-a", help="The --out folder of the baseline's `dedup run` (its index/ is read, never written).")],
+    preset: Annotated[str, typer.Option(help="Preset whose gate limits apply: default, strict, aggressive, ci.")] = "ci",
+    config: Annotated[Path | None, typer.Option(help="A TOML file whose gate table sets the limits (overrides --preset).")] = None,
+    max_baseline_share: Annotated[float | None, typer.Option(help="Most of the drop that may duplicate the baseline (a share, e.g. 0.05; negative: off).")] = None,
+    max_internal_share: Annotated[float | None, typer.Option(help="Most of the drop that may be redundant copies within the drop (a share; negative: off).")] = None,
+    max_cluster_size: Annotated[int | None, typer.Option(help="Largest cluster a drop sample may be in, baseline members included (negative: off).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (instead of the summary).")] = False,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here: one testcase per limit.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Append a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY), with the worst offenders.")] = None,
+    top: Annotated[int, typer.Option(help="Offenders listed (per kind) in --json and --markdown.", min=0)] = 20,
+    update: Annotated[bool, typer.Option("--update", help="When the gate passes, add the drop to the baseline's index (as `dedup index add`).")] = False,
+    work: Annotated[Path | None, typer.Option(help="Keep the drop's features here (default: a temporary folder); a rerun resumes from it.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Shards processed at once (processes).", min=1)] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Gate a new drop on its duplicates: within itself and against a baseline index.
+
+    Exit codes: 0 the drop passes every limit; 1 a limit is exceeded; 2 bad usage or unreadable input (no index at --against, a missing drop).
+
+    The baseline is only read, never written, unless --update (which adds a passing drop to it).
+
+    Example: dedup check new-drop/ --against baseline/ --junit gate.xml --markdown $GITHUB_STEP_SUMMARY
+    """
+    from dedup._io import atomic_write_text
+    from dedup.check import check as run_check
+    from dedup.check import summary_lines, to_json, to_junit, to_markdown
+    from dedup.errors import OutputError
+
+    try:
+        gate = _config(preset, config).with_overrides(
+            {
+                "gate.max_share_duplicating_baseline": max_baseline_share,
+                "gate.max_share_duplicated_within_drop": max_internal_share,
+                "gate.max_cluster_size": max_cluster_size,
+            }
+        ).gate
+        result = run_check(source, against, gate=gate, top=top, work=work, update=update, workers=workers, progress=_progress_factory(quiet or json_out))
+        for target, render in ((junit, to_junit), (markdown, to_markdown)):
+            if target is None:
+                continue
+            try:
+                if target is junit:
+                    atomic_write_text(target, render(result))
+                else:  # appended: $GITHUB_STEP_SUMMARY may hold earlier steps' output
+                    with open(target, "a", encoding="utf-8") as fh:
+                        fh.write(render(result))
+            except OSError as err:
+                raise OutputError(f"cannot write {target}: {err.strerror or err}; hint: check the path and its folder") from None
+    except DedupError as err:
+        raise _fail(err) from None
+    if json_out:
+        typer.echo(to_json(result), nl=False)
+    else:
+        for line in summary_lines(result):
+            typer.echo(line)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+index_app = typer.Typer(
+    help="Grow a run's index: `dedup index add SOURCE... --index OUT` decodes only the new shards.",
+    no_args_is_help=True,
+)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("add")
+def index_add(
+    sources: Annotated[list[str], typer.Argument(help="Folders, files or URLs to add (new sources, or sources of the index that gained shards).", show_default=False)],
+    index: Annotated[Path, typer.Option("--index", "-i", help="The --out folder of the `dedup run` whose index grows.")],
+    workers: Annotated[int | None, typer.Option(help="Shards processed at once (processes).", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model batch.", min=1)] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Add new shards to a run's index and update its manifest, keep list and report.
+
+    Only the new shards are decoded and embedded, with the index's own settings; the result is
+    the same as `dedup run` over the old and new sources together (see README: "Growing an index").
+
+    Example: dedup index add drops/2024-06-03/ --index dedup-out/
+    """
+    from dedup.index import add
+
+    try:
+        added = add(sources, index, workers=workers, batch_size=batch_size, progress=_progress_factory(quiet))
+    except DedupError as err:
+        raise _fail(err) from None
+    if added.result is None:
+        typer.echo(f"nothing new: the index already holds every shard of {' '.join(sources)} ({added.known_shards})")
+        return
+    shards = "shard" if added.added_shards == 1 else "shards"
+    typer.echo(f"added {added.added_shards} {shards} ({added.added_samples} samples)")
+    _summary(added.result)
 
 
 def _config(preset: str, path: Path | None) -> RunConfig:

@@ -52,6 +52,9 @@ class EmbedConfig:
     model_path: str | None = None  # a TorchScript file, or open_clip weights, given by the user
     clip_model: str = "ViT-B-32"
     threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = cores / workers
+    # Loading TorchScript or a pickled (.pt/.bin) checkpoint runs code stored in the file:
+    # only with this set (--trust-model-code). ONNX and .safetensors files need no trust.
+    trust_code: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,13 @@ class SearchConfig:
     caption: bool = True  # metadata-only sources: identical normalised caption
     block_size: int = 16384  # queries per faiss range search: bounds memory, not N^2
     report_thresholds: tuple[float, ...] = (0.95, 0.5)  # the paper's duplicate / copy levels
+    # More embeddings than this: partitioned search (dedup.partition: spherical k-means, soft
+    # borders, exact search inside each partition; bench/scale.py measures its recall).
+    partition_above: int = 50_000
+    partitions: int = 0  # partitions for the partitioned search; 0 = one per ~1024 vectors
+    # soft-border width, as a share of the farthest two vectors at the threshold can be apart
+    # (0.5 guarantees every pair shares a partition; bench/scale.py measures what 0.08 gives)
+    margin: float = 0.08
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +85,41 @@ class KeepConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportConfig:
+    """What report.html shows beyond the numbers: thumbnails of the largest clusters and the
+    caption phrases over-represented in duplicate clusters. Never changes the manifest."""
+
+    top_clusters: int = 20  # largest clusters shown as thumbnail grids; 0 = none (no source reads)
+    thumbs_per_cluster: int = 8  # thumbnails per cluster (its kept sample first)
+    thumb_size: int = 96  # longest side of a thumbnail, in pixels (JPEG, embedded as data URI)
+    phrases: int = 25  # caption key phrases listed
+    phrase_min_support: int = 3  # a phrase must appear in at least this many duplicate samples...
+    phrase_min_clusters: int = 2  # ...spread over at least this many duplicate clusters
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    """Limits of ``dedup check`` on a new drop (a negative limit turns that check off).
+
+    Shares are of the drop's decodable (``ok``) samples. Never changes what ``run`` writes.
+    """
+
+    # drop samples with a direct link (any signal) to a baseline sample
+    max_share_duplicating_baseline: float = 0.05
+    # drop samples that are redundant copies of another drop sample (a cluster of k counts k - 1)
+    max_share_duplicated_within_drop: float = 0.05
+    # the largest cluster holding a drop sample, counting the baseline samples it joins
+    max_cluster_size: int = 20
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     keep: KeepConfig = field(default_factory=KeepConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     folder_batch: int = 1000  # images per shard when reading a plain folder
     workers: int = 1  # shards processed at once
 
@@ -101,7 +141,7 @@ class RunConfig:
     def stage_key(self) -> str:
         """A short hash of the settings that change per-shard features (names checkpoints)."""
         relevant = {"fingerprint": to_dict(self.fingerprint), "embed": to_dict(self.embed)}
-        for volatile in ("batch_size", "threads", "device"):
+        for volatile in ("batch_size", "threads", "device", "trust_code"):
             relevant["embed"].pop(volatile)
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
@@ -196,8 +236,10 @@ __all__ = [
     "EmbedConfig",
     "EmbedModel",
     "FingerprintConfig",
+    "GateConfig",
     "KeepConfig",
     "KeepPolicy",
+    "ReportConfig",
     "RunConfig",
     "SearchConfig",
     "load_config",

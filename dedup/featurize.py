@@ -7,6 +7,7 @@ Both are written atomically before the executor writes the shard's completion ma
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dedup._io import atomic_path
@@ -25,6 +27,7 @@ from dedup.embed import Embedder, build_embedder
 from dedup.executors.base import shard_file_name
 from dedup.fingerprint import Features, fingerprint
 from dedup.sources import read_shard
+from dedup.sources._embeddings import BAD_VECTOR, DAMAGED_KEY, DamagedFileError, metadata_table, read_header, unit_rows, vector_blocks
 
 SCHEMA = pa.schema(
     [
@@ -74,6 +77,8 @@ class FeatureStep:
         return base.with_name(base.name + ".parquet"), base.with_name(base.name + ".npy")
 
     def __call__(self, shard: Shard, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+        if shard.kind is ShardKind.EMBEDDINGS:  # vectors given: nothing to decode, no model
+            return precomputed_features(shard, *self.paths(shard), progress)
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
         embedder = _embedder(self.config, threads)
         batch_size = max(1, self.config.embed.batch_size)
@@ -164,3 +169,114 @@ def _error_kind(error: str | None) -> str:
     if not error:
         return "unknown"
     return error.split(":", 1)[0].strip()[:60] or "unknown"
+
+
+def precomputed_features(
+    shard: Shard, parquet_path: Path, npy_path: Path, progress: Callable[[int], object] | None = None
+) -> dict[str, Any]:
+    """The checkpoint of a clip-retrieval embeddings shard, vectorised (no Python per row).
+
+    Rows come from the metadata (:func:`dedup.sources._embeddings.metadata_table`); the vectors
+    are streamed a block at a time, L2-normalised and written in the input's precision: float16
+    stays float16 (half the disk of float32, and all the precision the input had; readers
+    widen and renormalise, see :func:`dedup.partition.unit32`), anything else becomes float32.
+    A zero or non-finite vector is a failed row; a damaged ``.npy`` is one failed row.
+    """
+    try:
+        header = read_header(shard)
+    except DamagedFileError as err:
+        table = _rows_table(
+            shard,
+            pa.table({"key": [DAMAGED_KEY], "sample_id": [f"{shard.shard_id}/{DAMAGED_KEY}"]}),
+            np.zeros(1, bool),
+            f"embeddings {err}",
+        )
+        return _write_checkpoint(table, np.zeros((0, 0), np.float32), parquet_path, npy_path)
+    meta, problem = metadata_table(shard, header.rows)
+    store = np.dtype(np.float16) if header.dtype == np.float16 else np.dtype(np.float32)
+    valid = np.zeros(header.rows, bool)
+    written = 0
+    with atomic_path(npy_path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(_npy_header((header.rows if problem is None else 0, header.dim), store))
+            start = 0
+            for block in vector_blocks(shard, header) if problem is None else ():
+                ok, x = unit_rows(block)
+                valid[start : start + block.shape[0]] = ok
+                fh.write(x.astype(store, copy=False).tobytes())
+                written += int(ok.sum())
+                start += block.shape[0]
+                if progress is not None:
+                    progress(block.shape[0])
+            if problem is not None and progress is not None:
+                progress(header.rows)
+        if problem is None and written != header.rows:
+            _rewrite_header(tmp, (header.rows, header.dim), (written, header.dim), store)
+    table = _rows_table(shard, meta, valid, problem or BAD_VECTOR)
+    with atomic_path(parquet_path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return _stats(table, written)
+
+
+def _rows_table(shard: Shard, meta: pa.Table, valid: np.ndarray, error: str) -> pa.Table:
+    """SCHEMA rows for an embeddings shard: ``meta`` holds at least ``key`` and ``sample_id``."""
+    n = meta.num_rows
+    ok = pa.array(valid)
+
+    def column(name: str) -> pa.Array | pa.ChunkedArray:
+        if name in meta.column_names:
+            return meta.column(name)
+        return pa.nulls(n, SCHEMA.field(name).type)
+
+    cols = {name: column(name) for name in SCHEMA.names}
+    cols["source"] = pa.repeat(shard.source, n)
+    cols["shard"] = pa.repeat(shard.shard_id, n)
+    cols["status"] = pc.if_else(ok, "ok", "failed")
+    cols["error"] = pc.if_else(ok, pa.scalar(None, pa.string()), error)
+    cols["has_image"] = pa.repeat(False, n)
+    cols["embedded"] = ok
+    return pa.table(cols).cast(SCHEMA)
+
+
+def _write_checkpoint(table: pa.Table, emb: np.ndarray, parquet_path: Path, npy_path: Path) -> dict[str, Any]:
+    with atomic_path(npy_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, emb)
+    with atomic_path(parquet_path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return _stats(table, int(emb.shape[0]))
+
+
+def _stats(table: pa.Table, embedded: int) -> dict[str, Any]:
+    failed = table.num_rows - embedded
+    errors: dict[str, int] = {}
+    if failed:
+        for item in pc.value_counts(table.column("error").drop_null()).to_pylist():
+            kind = _error_kind(item["values"])
+            errors[kind] = errors.get(kind, 0) + int(item["counts"])
+    # "precomputed" counts the rows whose vectors came with the input: the run labels its
+    # embedding signal "precomputed" (they are usually CLIP, not SSCD).
+    return {"samples": table.num_rows, "ok": embedded, "failed": failed, "embedded": embedded,
+            "errors": errors, "precomputed": table.num_rows}
+
+
+def _npy_header(shape: tuple[int, int], dtype: np.dtype[Any]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue()
+
+
+def _rewrite_header(path: Path, old: tuple[int, int], shape: tuple[int, int], dtype: np.dtype[Any]) -> None:
+    """Fix the row count of a streamed ``.npy`` once rows were left out (rare: bad vectors)."""
+    offset = len(_npy_header(old, dtype))
+    new = _npy_header(shape, dtype)
+    if len(new) == offset:  # the same padded length: overwrite in place
+        with open(path, "r+b") as fh:
+            fh.write(new)
+        return
+    data = np.fromfile(path, dtype=dtype, offset=offset)
+    with open(path, "wb") as fh:
+        fh.write(new)
+        data.tofile(fh)

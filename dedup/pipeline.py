@@ -13,8 +13,10 @@ again and gives the same bytes.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,17 +26,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup import __version__
-from dedup._io import atomic_write_text
-from dedup._types import Shard
+from dedup._io import atomic_write_text, is_temp_name, output_errors, remove_stale_temps
+from dedup._types import Shard, ShardKind
 from dedup.cluster import components
-from dedup.config import RunConfig, save_config
-from dedup.errors import OutputError
+from dedup.config import EmbedModel, RunConfig, save_config
+from dedup.errors import ConfigError, OutputError, SourceError
 from dedup.executors.base import Executor, Markers, merge_stats
 from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
-from dedup.index import write_index
+from dedup.index import Catalog, index_dir, index_lock, write_index
 from dedup.manifest import build_manifest, write_keep_list, write_manifest
-from dedup.report import build_report, write_report_html
+from dedup.partition import VectorFiles, auto_settings, partitioned_edges
+from dedup.report import build_report, write_report_pages
 from dedup.search import (
     Edges,
     Signal,
@@ -81,8 +84,11 @@ class RunResult:
 
 
 WORK_DIR = ".work"
+PRECOMPUTED = "precomputed"  # the embedding label of runs over precomputed embeddings
+_IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER})
 
 
+@output_errors("out")  # a full disk or read-only --out: OutputError, not a traceback
 def run(
     sources: Sequence[str],
     out: str | Path,
@@ -97,14 +103,34 @@ def run(
     out_dir = Path(out)
     _prepare_out(out_dir)
     shards = discover(sources, folder_batch=cfg.folder_batch)
+    _check_embedding_kinds(shards, cfg)
+    save_config(cfg, out_dir / "config.json")
     work = out_dir / WORK_DIR / cfg.stage_key()
+    table, vectors, per_shard = featurize(shards, work, cfg, executor=executor, progress=prog)
+    shard_stats = merge_stats([per_shard[s.shard_id] for s in shards])
+    catalog = Catalog.of_run(sources, shards, per_shard, table)
+    # Writers of OUT/index hold its lock, so a concurrent `dedup check` never reads half of it.
+    with index_lock(index_dir(out_dir), exclusive=True):
+        return finish(
+            table, vectors, out_dir, cfg, shard_stats=shard_stats, progress=prog, shards=shards, catalog=catalog
+        )
+
+
+def featurize(
+    shards: Sequence[Shard],
+    work: Path,
+    cfg: RunConfig,
+    *,
+    executor: Executor | None = None,
+    progress: ProgressFactory = _silent,
+) -> tuple[pa.Table, np.ndarray, dict[str, dict[str, Any]]]:
+    """The per-shard stage: features of every shard (checkpointed under ``work``, resumed from
+    there), then all rows in shard order, their embeddings and each shard's stats."""
     features_dir = work / "shards"
     features_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.json")
-
     step = FeatureStep(config=cfg, out_dir=features_dir)
     runner = executor or LocalExecutor(workers=cfg.workers)
-    with prog("fingerprint + embed", None, "img") as bar:
+    with progress("fingerprint + embed", None, "img") as bar:
         seen = {"shards": 0, "failed": 0}
 
         def on_done(shard: Shard, stats: dict[str, Any]) -> None:
@@ -115,25 +141,47 @@ def run(
         per_shard = runner.run(
             step, shards, markers=Markers(work / "done"), on_done=on_done, on_progress=bar.update
         )
-    shard_stats = merge_stats([per_shard[s.shard_id] for s in shards])
-
     table, vectors = load_features(step, shards)
-    return finish(table, vectors, out_dir, cfg, shard_stats=shard_stats, progress=prog)
+    return table, vectors, per_shard
 
 
 def load_features(step: FeatureStep, shards: Sequence[Shard]) -> tuple[pa.Table, np.ndarray]:
-    """All shards' feature rows (in shard order) and the embeddings of the embedded rows."""
+    """All shards' feature rows (in shard order) and the embeddings of the embedded rows.
+
+    More than ``search.partition_above`` embeddings are not loaded: the result is then a
+    :class:`~dedup.partition.VectorFiles` over the per-shard ``.npy`` files (shape, blocks,
+    row gathers; ``np.asarray`` materialises it), so memory does not grow with N.
+    """
     tables: list[pa.Table] = []
-    vectors: list[np.ndarray] = []
+    paths: list[Path] = []
     for shard in shards:
         parquet_path, npy_path = step.paths(shard)
         tables.append(pq.read_table(parquet_path, schema=SCHEMA))
-        vectors.append(np.load(npy_path))
+        paths.append(npy_path)
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    dims = {v.shape[1] for v in vectors if v.shape[0]}
-    dim = dims.pop() if dims else 0
-    emb = np.concatenate([v for v in vectors if v.shape[0]]) if dim else np.zeros((0, 0), np.float32)
-    return table, emb
+    del tables  # the concatenation shares their buffers
+    # One chunk per column (finish needs it so), a column at a time, each column's chunks freed
+    # once combined: one copy of the rows at a time, not two. Arrow's allocator keeps freed
+    # memory for reuse; it is handed back afterwards.
+    names = table.column_names
+    columns: list[pa.Array] = []
+    while table.num_columns:
+        columns.append(table.column(0).combine_chunks())
+        table = table.remove_column(0)
+        pa.default_memory_pool().release_unused()
+    table = pa.table(dict(zip(names, columns, strict=True)), schema=SCHEMA)
+    del columns
+    pa.default_memory_pool().release_unused()
+    try:
+        files = VectorFiles(paths)
+    except ValueError as err:
+        raise SourceError(
+            f"{err}; hint: the embeddings of one run must come from one model (pass precomputed "
+            "embeddings of different models as separate runs)"
+        ) from None
+    if len(files) > step.config.search.partition_above:
+        return table, files  # type: ignore[return-value]  # array-like; see VectorFiles
+    return table, (np.asarray(files) if len(files) else np.zeros((0, 0), np.float32))
 
 
 def find_edges(
@@ -142,14 +190,19 @@ def find_edges(
     cfg: RunConfig,
     *,
     progress: ProgressFactory = _silent,
+    work_dir: Path | None = None,
 ) -> tuple[Edges, dict[float, tuple[int, int]]]:
-    """Every link the configured signals make, and the pair counts at the report thresholds."""
+    """Every link the configured signals make, and the pair counts at the report thresholds.
+
+    More than ``search.partition_above`` embeddings are searched partition by partition
+    (:mod:`dedup.partition`), spilling to ``work_dir`` (default: a temporary folder).
+    """
     search = cfg.search
     ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
     has_image = np.asarray(table.column("has_image").to_numpy(zero_copy_only=False), bool) & ok
     parts: list[Edges] = []
 
-    if search.exact:
+    if search.exact and table.column("sha256").null_count < table.num_rows:  # all null: no images
         sha = table.column("sha256").to_pylist()
         pix = table.column("pixel_sha256").to_pylist()
         parts.append(exact_edges([v if ok[r] else None for r, v in enumerate(sha)], signal=Signal.EXACT_BYTES))
@@ -157,7 +210,19 @@ def find_edges(
 
     levels: dict[float, tuple[int, int]] = {}
     embedded_rows = np.flatnonzero(np.asarray(table.column("embedded").to_numpy(zero_copy_only=False), bool))
-    if vectors.shape[0]:
+    if vectors.shape[0] > search.partition_above:
+        with progress("search (partitioned)", int(vectors.shape[0]), "vec") as bar, _scratch(work_dir) as scratch:
+            found, levels = partitioned_edges(
+                vectors,
+                threshold=search.threshold,
+                work_dir=scratch,
+                rows=embedded_rows,
+                count_at=search.report_thresholds,
+                settings=auto_settings(int(vectors.shape[0]), partitions=search.partitions, margin=search.margin),
+                progress=bar.update,
+            )
+        parts.append(found)
+    elif vectors.shape[0]:
         with progress("search (embeddings)", int(vectors.shape[0]), "vec") as bar:
             found, levels = embedding_edges(
                 vectors,
@@ -169,7 +234,7 @@ def find_edges(
             )
         parts.append(found)
 
-    if search.pdq_distance >= 0:
+    if search.pdq_distance >= 0 and table.column("pdq").null_count < table.num_rows:
         pdq = table.column("pdq").to_pylist()
         rows = np.array([r for r, v in enumerate(pdq) if v is not None and has_image[r]], np.int64)
         if rows.size:
@@ -177,7 +242,7 @@ def find_edges(
             parts.append(
                 hamming_edges(codes, max_distance=search.pdq_distance, signal=Signal.PDQ, rows=rows, block_size=search.block_size)
             )
-    if search.phash_distance >= 0:
+    if search.phash_distance >= 0 and table.column("phash").null_count < table.num_rows:
         ph = table.column("phash").to_numpy(zero_copy_only=False)
         valid = np.array([v is not None for v in table.column("phash").to_pylist()]) & has_image
         rows = np.flatnonzero(valid)
@@ -188,8 +253,11 @@ def find_edges(
             )
 
     # URL and caption links only between samples we could not look at (metadata-only rows):
-    # for images, identical captions ("Canvas Wall Art Print") say nothing about the pixels.
-    meta_only = ok & ~has_image
+    # for images, identical captions ("Canvas Wall Art Print") say nothing about the pixels;
+    # nor for precomputed embeddings, which are the pixels' own signal.
+    embedded = np.zeros(table.num_rows, bool)
+    embedded[embedded_rows] = True
+    meta_only = ok & ~has_image & ~embedded
     if meta_only.any():
         if search.url:
             urls = table.column("url").to_pylist()
@@ -210,9 +278,21 @@ def finish(
     *,
     shard_stats: dict[str, Any],
     progress: ProgressFactory = _silent,
+    shards: Sequence[Shard] | None = None,
+    catalog: Catalog | None = None,
 ) -> RunResult:
-    """The global stages over all features: search, cluster, select, and every output."""
-    edges, levels = find_edges(table, vectors, cfg, progress=progress)
+    """The global stages over all features: search, cluster, select, and every output.
+
+    ``shards`` (the run's) are where report.html reads its few thumbnails back from; when None
+    they are rediscovered from the manifest's ``source`` column. ``catalog`` (sources and
+    shards) goes into the index, for ``dedup index add``. Callers hold the index lock.
+    """
+    # One chunk per column: parquet page boundaries follow chunk boundaries, and the manifest's
+    # bytes must depend on the rows alone (a run and run + `index add` read them differently).
+    table = table.combine_chunks()
+    edges, levels = find_edges(table, vectors, cfg, progress=progress, work_dir=out_dir / WORK_DIR / "search")
+    # Precomputed embeddings (clip-retrieval: usually CLIP) are not the configured model's.
+    embedding_label = PRECOMPUTED if shard_stats.get("precomputed") else cfg.embed.model.value
     with progress("cluster + select", 1, "step") as bar:
         n = table.num_rows
         labels = components(n, edges)
@@ -221,15 +301,17 @@ def finish(
         height = np.asarray(table.column("height").to_numpy(zero_copy_only=False), np.float64)
         metric = _metric(table, cfg.keep.column) if cfg.keep.column else None
         keep_row = keepers(labels, policy=cfg.keep.policy, eligible=ok, pixels=width * height, metric=metric)
-        manifest = build_manifest(table, labels, keep_row, edges, embedding_label=cfg.embed.model.value)
+        manifest = build_manifest(table, labels, keep_row, edges, embedding_label=embedding_label)
         bar.update(1)
     with progress("write outputs", 1, "step") as bar:
         write_manifest(manifest, out_dir / "manifest.parquet")
         write_keep_list(manifest, out_dir / "keep.parquet")
-        write_index(out_dir / "index", table, vectors, labels, cfg)
-        report = build_report(manifest, edges, levels, cfg, shard_stats=shard_stats, embedding_label=cfg.embed.model.value)
+        write_index(index_dir(out_dir), table, vectors, labels, cfg, catalog=catalog)
+        report = build_report(manifest, edges, levels, cfg, shard_stats=shard_stats, embedding_label=embedding_label)
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-        write_report_html(report, out_dir / "report.html")
+        write_report_pages(
+            report, out_dir, manifest=manifest, shards=shards, features=table, thumb_size=cfg.report.thumb_size
+        )
         bar.update(1)
     summary = report["summary"]
     return RunResult(
@@ -253,6 +335,31 @@ def _metric(table: pa.Table, column: str) -> np.ndarray:
     return values
 
 
+def _check_embedding_kinds(shards: Sequence[Shard], cfg: RunConfig) -> None:
+    """Precomputed embeddings and images embedded by a model are different vector spaces:
+    searching them together would compare CLIP with SSCD."""
+    kinds = {s.kind for s in shards}
+    if ShardKind.EMBEDDINGS in kinds and kinds & _IMAGE_KINDS and cfg.embed.model is not EmbedModel.NONE:
+        raise ConfigError(
+            "the sources mix precomputed embeddings (img_emb/*.npy) with images that "
+            f"{cfg.embed.model.value} would embed: their vectors cannot be compared; hint: run them "
+            "separately, or pass --model none to link the images by hashes only"
+        )
+
+
+@contextmanager
+def _scratch(work_dir: Path | None) -> Iterator[Path]:
+    """``work_dir`` (kept) or a temporary folder (removed)."""
+    if work_dir is not None:
+        yield work_dir
+        return
+    folder = Path(tempfile.mkdtemp(prefix="dedup-search-"))
+    try:
+        yield folder / "search"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _prepare_out(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--out {out_dir} exists and is not a folder; pick another path")
@@ -261,11 +368,13 @@ def _prepare_out(out_dir: Path) -> None:
     except OSError as err:
         raise OutputError(f"cannot create output folder {out_dir}: {err.strerror}") from None
     stamp = out_dir / "dedup.json"
-    if any(p.name != WORK_DIR for p in out_dir.iterdir()) and not stamp.exists():
+    # A run killed before writing its stamp leaves only a temp file: still our folder.
+    if any(p.name != WORK_DIR and not is_temp_name(p.name) for p in out_dir.iterdir()) and not stamp.exists():
         raise OutputError(
             f"output folder {out_dir} is not empty and was not written by dedup; "
             "choose an empty or new folder"
         )
+    remove_stale_temps(out_dir)  # temp files of killed runs (their process is gone)
     if not stamp.exists():
         atomic_write_text(stamp, json.dumps({"tool": "dedup", "version": __version__}) + "\n")
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 from dedup._types import Sample, Shard, ShardKind
 from dedup.sources._discover import discover
+from dedup.sources._embeddings import read_embeddings
 from dedup.sources._files import read_folder, read_i2d_files
 from dedup.sources._parquet import read_i2d_parquet, read_laion_metadata
 from dedup.sources._webdataset import read_webdataset
@@ -24,6 +25,7 @@ _READERS: dict[ShardKind, Callable[[Shard], Iterator[Sample]]] = {
     ShardKind.I2D_FILES: read_i2d_files,
     ShardKind.FOLDER: read_folder,
     ShardKind.LAION_METADATA: read_laion_metadata,
+    ShardKind.EMBEDDINGS: read_embeddings,
 }
 
 

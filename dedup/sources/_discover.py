@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +15,11 @@ import pyarrow.parquet as pq
 
 from dedup._types import Shard, ShardKind
 from dedup.errors import ConfigError, SourceError
+from dedup.sources._embeddings import discover_embedding_file, discover_embeddings, is_embedding_file
 from dedup.sources._common import (
+    ENVIRONMENT_ERRORS,
     IMAGE_EXTENSIONS,
+    clean_text,
     digest,
     filesystem,
     has_image_extension,
@@ -23,6 +28,7 @@ from dedup.sources._common import (
     is_hidden,
     is_local,
     is_sidecar_schema,
+    outside,
     split_name,
     stamp,
     url_of,
@@ -30,9 +36,11 @@ from dedup.sources._common import (
 
 _SCHEMA_THREADS = 16
 # What a parquet footer says the file is; "sidecar" is img2dataset's per-shard status table.
-_ParquetKind = ShardKind | Literal["sidecar"] | None
+# "damaged": the footer cannot be read; the shard's reader reports it as a failed row.
+_ParquetKind = ShardKind | Literal["sidecar", "damaged"] | None
 _WHAT_WE_READ = (
     "img2dataset output (webdataset .tar, parquet, files), LAION metadata .parquet, "
+    "clip-retrieval embeddings (img_emb/img_emb_K.npy + metadata/metadata_K.parquet), "
     f"or image files ({', '.join(IMAGE_EXTENSIONS)})"
 )
 
@@ -64,6 +72,9 @@ def discover(sources: Sequence[str], *, folder_batch: int = 1000) -> list[Shard]
     for index, source in enumerate(sources):
         prefix = f"s{index}/" if several else ""
         shards.extend(_discover_source(source, prefix, folder_batch))
+    # Ids name checkpoint files and fill the manifest's shard column: both need valid UTF-8,
+    # and a file name need not be (the path itself stays as the filesystem spells it).
+    shards = [dataclasses.replace(s, shard_id=clean_text(s.shard_id)) for s in shards]
     _check_unique(shards)
     return shards
 
@@ -112,6 +123,8 @@ def _discover_file(
                     "shard of its own; hint: pass the img2dataset output folder (or the .tar) instead"
                 )
             kind = ShardKind.I2D_PARQUET
+        if kind == "damaged":
+            kind = ShardKind.I2D_PARQUET
         return [Shard(source, url_of(fs, path), kind, prefix + name, stamp(info))]
     if has_image_extension(name):
         parent = posixpath.dirname(path)
@@ -125,14 +138,21 @@ def _discover_file(
                 (name,),
             )
         ]
+    if is_embedding_file(name):
+        return [discover_embedding_file(fs, source, path, info, prefix)]
     raise SourceError(f"{source!r} is not a file dedup can read; hint: pass a folder, or {_WHAT_WE_READ}")
 
 
 def _discover_folder(
     fs: fsspec.AbstractFileSystem, source: str, root: str, prefix: str, folder_batch: int
 ) -> list[Shard]:
-    """Classify one recursive listing of ``root`` into shards (no reads but parquet footers)."""
-    files, dirs = _listing(fs, source, root)
+    """Classify one recursive listing of ``root`` into shards (no reads but parquet footers).
+
+    Symlinks that leave the source (see ``_common.OUTSIDE_SOURCE``) are not classified, so no
+    footer of theirs is read: the ones named like an input become members of a folder batch,
+    whose reader turns them into failed samples without reading them.
+    """
+    files, dirs, escaping = _listing(fs, source, root)
     children: dict[str, list[str]] = {}
     for rel in files:
         parent, _, name = rel.rpartition("/")
@@ -150,6 +170,9 @@ def _discover_folder(
         elif stem in dirs and posixpath.basename(stem).isdigit():
             sidecars.add(rel)
             files_dirs.add(stem)
+    # clip-retrieval embeddings: their metadata parquets belong to them, not shards of their own.
+    embedding_shards, embedding_metadata = discover_embeddings(fs, source, root, prefix, files)
+    sidecars |= embedding_metadata
     # A files folder whose sidecar is gone still looks like one: NNNNN/ with key.jpg + key.json.
     root_name = posixpath.basename(root)
     for rel in ["", *dirs]:
@@ -164,8 +187,22 @@ def _discover_folder(
     for rel in sorted(files_dirs):
         shards.append(_files_shard(fs, source, root, rel, root_name, prefix, files, children))
     shards.extend(_parquet_shards(fs, source, root, prefix, [p for p in parquets if p not in sidecars], files))
+    shards.extend(embedding_shards)
 
     images = sorted(rel for rel in files if has_image_extension(rel) and rel.rpartition("/")[0] not in files_dirs)
+    # Escaping links inside a files folder are reported by that folder's reader, escaping
+    # sidecars by their tar's reader; the others are reported as members of a folder batch.
+    images = sorted(
+        images
+        + [
+            rel
+            for rel in escaping
+            if rel.rpartition("/")[0] not in files_dirs
+            and not _is_sidecar_name(rel, tar_stems, dirs)
+            and _looks_like_input(fs, root, rel)
+        ]
+    )
+    infos = {**files, **escaping}
     for number, start in enumerate(range(0, len(images), folder_batch)):
         members = tuple(images[start : start + folder_batch])
         shards.append(
@@ -174,7 +211,7 @@ def _discover_folder(
                 url_of(fs, root),
                 ShardKind.FOLDER,
                 f"{prefix}part-{number:05d}",
-                digest(f"{rel}\0{stamp(files[rel])}" for rel in members),
+                digest(f"{rel}\0{stamp(infos[rel])}" for rel in members),
                 members,
             )
         )
@@ -185,8 +222,15 @@ def _discover_folder(
     return shards
 
 
-def _listing(fs: fsspec.AbstractFileSystem, source: str, root: str) -> tuple[dict[str, Mapping[str, Any]], set[str]]:
-    """One recursive listing: ``({relative file path: info}, {relative dir path})``, hidden ones out."""
+def _listing(
+    fs: fsspec.AbstractFileSystem, source: str, root: str
+) -> tuple[dict[str, Mapping[str, Any]], set[str], dict[str, Mapping[str, Any]]]:
+    """One recursive listing: ``({relative file path: info}, {relative dir path}, {relative
+    path: info} of the symlinks that resolve outside root)``, hidden ones out.
+
+    fsspec lists a symlink (to a file or a folder) as an entry of its own and never descends
+    into a linked folder, so a link cycle cannot make the listing loop.
+    """
     # Locally, an unreadable subfolder must fail loudly rather than vanish from the run.
     options: dict[str, Any] = {"on_error": "raise"} if is_local(fs) else {}
     try:
@@ -194,8 +238,10 @@ def _listing(fs: fsspec.AbstractFileSystem, source: str, root: str) -> tuple[dic
     except Exception as err:
         raise SourceError(f"cannot list {source!r}: {err}; hint: check permissions and credentials") from err
     base = root.rstrip("/") + "/"
+    real_root = os.path.realpath(root) if is_local(fs) else None
     files: dict[str, Mapping[str, Any]] = {}
     dirs: set[str] = set()
+    escaping: dict[str, Mapping[str, Any]] = {}
     for path, info in entries.items():
         path = path.rstrip("/")
         if not path.startswith(base):
@@ -205,9 +251,25 @@ def _listing(fs: fsspec.AbstractFileSystem, source: str, root: str) -> tuple[dic
             continue
         if info.get("type") == "directory":
             dirs.add(rel)
+        elif real_root is not None and info.get("islink") and outside(path, real_root):
+            escaping[rel] = info
         else:
             files[rel] = info
-    return files, dirs
+    return files, dirs, escaping
+
+
+def _is_sidecar_name(rel: str, tar_stems: set[str], dirs: set[str]) -> bool:
+    stem = rel[: -len(".parquet")] if rel.lower().endswith(".parquet") else None
+    return stem is not None and (stem in tar_stems or (stem in dirs and posixpath.basename(stem).isdigit()))
+
+
+def _looks_like_input(fs: fsspec.AbstractFileSystem, root: str, rel: str) -> bool:
+    """Whether an escaping symlink would have been read had it stayed inside: an image, a
+    tar or parquet, or a folder (a linked folder of images must not vanish unnoticed)."""
+    lower = rel.lower()
+    if has_image_extension(rel) or lower.endswith((".tar", ".parquet")):
+        return True
+    return os.path.isdir(_join(root, rel))  # stat only, nothing read
 
 
 def _has_image_json_pair(names: Iterable[str]) -> bool:
@@ -294,21 +356,29 @@ def _parquet_shards(
         if kind is None:
             continue
         # An orphaned sidecar (its tar or folder gone): read as rows, every success lacks bytes.
-        shard_kind = ShardKind.I2D_PARQUET if kind == "sidecar" else ShardKind(kind)
+        # A damaged footer: read as rows, which reports the damage as one failed row.
+        shard_kind = ShardKind.I2D_PARQUET if kind in ("sidecar", "damaged") else ShardKind(kind)
         shards.append(Shard(source, url_of(fs, _join(root, rel)), shard_kind, prefix + rel, stamp(files[rel])))
     return shards
 
 
 def _parquet_kind(fs: fsspec.AbstractFileSystem, path: str) -> _ParquetKind:
-    """Read one footer: image bytes, img2dataset sidecar (``"sidecar"``), metadata, or None."""
+    """Read one footer: image bytes, img2dataset sidecar (``"sidecar"``), metadata, or None.
+
+    A footer that cannot be parsed (a truncated download, a file that is not parquet) is
+    ``"damaged"``: one bad file must not stop a run over thousands, so it becomes a shard whose
+    reader yields a failed row saying so. A file that cannot be opened at all (permissions,
+    network) is the environment failing, and stops the run with a clear error.
+    """
     try:
         with fs.open(path, "rb") as fh:
             schema = pq.read_schema(fh)
-    except (pa.ArrowException, OSError, ValueError) as err:
+    except ENVIRONMENT_ERRORS as err:
         raise SourceError(
-            f"cannot read parquet file {url_of(fs, path)!r}: {err}; hint: it may be truncated or "
-            "not parquet: re-download it or move it out of the source folder"
+            f"cannot read parquet file {url_of(fs, path)!r}: {err}; hint: check permissions and retry"
         ) from err
+    except (pa.ArrowException, OSError, ValueError):
+        return "damaged"
     if image_column(schema) is not None:
         return ShardKind.I2D_PARQUET
     if is_sidecar_schema(schema):

@@ -1,0 +1,75 @@
+"""The Ray executor runs the very steps the local one runs: the same bytes come out.
+
+One local Ray for the whole session (``num_cpus=2``, as on CI); skipped when ray is not
+installed (``pip install 'dedup[ray]'``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _data import PlantedDataset
+
+from typer.testing import CliRunner
+
+from dedup import run
+from dedup._types import Shard, ShardKind
+from dedup.cli import app
+from dedup.config import RunConfig
+from dedup.executors.base import Markers
+from dedup.executors.local import ShardFailedError
+from dedup.executors.ray import RayExecutor
+from dedup.featurize import FeatureStep
+
+# Ray's driver-side machinery (grpc, its own deprecations) warns on its own account.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+FAST = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[Any]:
+    with warnings.catch_warnings():  # ray's own imports warn about their dependencies
+        warnings.simplefilter("ignore")
+        ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'dedup[ray]'")
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_and_local_executors_write_the_same_bytes(
+    sample_images_dir: PlantedDataset, tmp_path: Path, local_ray: Any
+) -> None:
+    root, _ = sample_images_dir
+    run([str(root)], tmp_path / "local", config=FAST)
+    result = run([str(root)], tmp_path / "ray", config=FAST, executor=RayExecutor())
+    assert result.samples > 0
+    for name in ("manifest.parquet", "keep.parquet", "report.json"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    # A rerun finds every shard's marker: nothing is sent to Ray, the same bytes come out.
+    run([str(root)], tmp_path / "ray", config=FAST, executor=RayExecutor())
+    assert (tmp_path / "ray" / "manifest.parquet").read_bytes() == (tmp_path / "local" / "manifest.parquet").read_bytes()
+
+
+def test_ray_shard_error_stops_the_run_with_the_shard_named(tmp_path: Path, local_ray: Any) -> None:
+    missing = Shard(str(tmp_path), str(tmp_path / "gone" / "img_emb_0.npy"), ShardKind.EMBEDDINGS, "img_emb_0")
+    step = FeatureStep(config=FAST, out_dir=tmp_path / "features")
+    (tmp_path / "features").mkdir()
+    with pytest.raises(ShardFailedError, match="img_emb_0"):
+        RayExecutor(workers=1).run(step, [missing], markers=Markers(tmp_path / "done"))
+    assert not (tmp_path / "done").exists() or not list((tmp_path / "done").iterdir())
+
+
+def test_ray_address_needs_the_ray_executor(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["run", str(tmp_path), "--out", str(tmp_path / "o"), "--ray-address", "auto"])
+    assert res.exit_code == 2 and "--ray-address needs --executor ray" in res.output
