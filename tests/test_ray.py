@@ -42,7 +42,7 @@ def local_ray() -> Iterator[Any]:
     with warnings.catch_warnings():  # ray's own imports warn about their dependencies
         warnings.simplefilter("ignore")
         ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'dedup[ray]'")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield ray
     ray.shutdown()
 
