@@ -5,28 +5,34 @@ pass can afford, in memory that does not grow with N.
 
     vectors (per-shard .npy, read a block at a time)
       ─► spherical k-means on a sample ─► every vector to its nearest centroid, and to any other
-         centroid within ``margin`` of it (soft borders) ─► regrouped on disk, one cell per centroid
+         centroid near enough (soft borders) ─► regrouped on disk, one cell per centroid
+         (cells of ~cell_partitions partitions; a cell over cell_rows is split again)
       ─► per cell, in memory: spherical k-means again, into partitions of ~``partition_size``
          (soft borders again) ─► exact range search inside each partition (one matrix product)
       ─► edges spilled per cell (``.npy`` parts) ─► merged: each pair once, scores exact
 
 Why soft borders keep the pairs: two unit vectors at cosine ``>= T`` lie within
-``sqrt(2 - 2T)`` of each other, so their scores against any two centroids move together; a pair
-is lost only when one member prefers centroid A by more than the margin and the other prefers B
-by more than the margin. ``bench/scale.py`` measures the recall this gives against brute force.
+``delta = sqrt(2 - 2T)`` of each other, so their distances to the bisector of two centroids
+differ by at most ``delta``. A vector also joins every centroid whose bisector with its nearest
+one is within ``margin * delta``: a pair is lost only if each member lies beyond that on its
+own side. ``margin = 0.5`` makes that impossible (exact, and costly); pairs whose difference
+points in a random direction differ by ~``delta / sqrt(dim)`` along any bisector normal, so far
+less suffices: ``bench/scale.py`` measures the recall of the default against brute force.
 
 Cost: a cell holds at most ``cell_rows`` vectors, so memory is bounded by the settings, not by N
 (the per-row arrays kept across the whole search are a few bytes a row). Each level of on-disk
-splitting costs ``N * branching * dim``, and there are ``log(N / cell_rows)`` of them; inside the
-cells the searches cost ``N * r * partition_size * dim`` (``r``: the replication soft borders
-add, ~1.5). So the whole search grows like N log N.
+splitting costs ``N * branching * dim`` and rewrites the vectors once; there are
+``log(N / cell_rows)`` of them beyond the first. Inside the cells the searches cost
+``N * r * partition_size * dim``, ``r`` being the copies soft borders add: 1.08 on
+bench/scale.py's vectors at 1M, 1.9 at 10M, where its featureless sub-topics must be cut into
+several partitions each. So the whole search grows like N log N.
 
 Counts for the report at levels below the search threshold (0.5 for the paper's "copy" level)
 are an approximation here: a pair is counted only in the home partition of its first row (the
 one its nearest centroids lead to, at every level), so it is counted at most once, and it is
 missed when its other row is not in that partition (the margins are sized for the threshold, not
-for 0.5): a lower bound (measured ~90% of the exact count on bench/scale.py's vectors). Levels
-at or above the threshold come from the merged edges and are exact up to recall.
+for 0.5): a lower bound (~99% of the exact count on bench/scale.py's vectors). Levels at or
+above the threshold come from the merged edges and are exact up to recall.
 """
 
 from __future__ import annotations
@@ -195,7 +201,7 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype[Any]]:
 @dataclass(frozen=True, slots=True)
 class PartitionSettings:
     """How :func:`partitioned_edges` cuts the vectors. The defaults are what ``bench/scale.py``
-    measured as the best trade-off on this kind of machine; recall comes from ``margin``."""
+    measured as the best trade-off on a 2-core machine; recall comes from ``margin``."""
 
     partition_size: int = 1024  # vectors per partition searched exactly (one matrix product)
     cell_partitions: int = 8  # partitions per cell of the first on-disk split

@@ -108,7 +108,14 @@ class RayExecutor:
         """Join or start Ray; True when this call started it (and so shuts it down after)."""
         if ray.is_initialized():
             return False
-        options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, **self.init_options}
+        # Step failures come back as exceptions (one line from the CLI); worker and raylet logs
+        # stay in Ray's own log files rather than interleaving with the progress bars.
+        options: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+            **self.init_options,
+        }
         try:
             ray.init(address=self.address, **options)
         except ConnectionError as err:
