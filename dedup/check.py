@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dedup._progress import silent
 from dedup.cluster import components
 from dedup.config import GateConfig, KeepPolicy, RunConfig
 from dedup.index import AddPlan, Index, IndexUnreadableError, add, hash_codes, open_index, plan_add, resolve_source
@@ -221,7 +222,7 @@ def check(
     from dedup import pipeline
 
     limits_cfg = gate or GateConfig()
-    prog = progress or pipeline._silent
+    prog = progress or silent
     started = time.perf_counter()
     base = open_index(against, columns=BASELINE_COLUMNS, search=True)
     cfg = base.config.with_overrides({"workers": workers, "embed.batch_size": batch_size})

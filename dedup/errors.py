@@ -71,3 +71,10 @@ def printable(text: str) -> str:
     text = _ESCAPE_SEQUENCE.sub("", text)
     text = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_kind(message: str | None) -> str:
+    """The class of a sample's error message, for per-reason counts (text before the first colon)."""
+    if not message:
+        return "unknown"
+    return message.split(":", 1)[0].strip()[:60] or "unknown"

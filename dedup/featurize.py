@@ -24,6 +24,7 @@ from dedup._io import atomic_path
 from dedup._types import Sample, Shard, ShardKind
 from dedup.config import RunConfig
 from dedup.embed import Embedder, build_embedder
+from dedup.errors import error_kind
 from dedup.executors.base import shard_file_name
 from dedup.fingerprint import Features, fingerprint
 from dedup.sources import read_shard
@@ -101,7 +102,7 @@ class FeatureStep:
                 if len(pending) >= batch_size:
                     flush()
             if feats.status != "ok":
-                kind = _error_kind(feats.error)
+                kind = error_kind(feats.error)
                 errors[kind] = errors.get(kind, 0) + 1
             rows.append(_row(sample, shard, feats, embedded))
             if progress is not None and len(rows) % 64 == 0:
@@ -162,13 +163,6 @@ def _row(sample: Sample, shard: Shard, feats: Features, embedded: bool) -> dict[
         "embedded": embedded,
         "meta": json.dumps(sample.extra, sort_keys=True, default=str) if sample.extra else None,
     }
-
-
-def _error_kind(error: str | None) -> str:
-    """The class of an error message, for per-reason counts (text before the first colon)."""
-    if not error:
-        return "unknown"
-    return error.split(":", 1)[0].strip()[:60] or "unknown"
 
 
 def precomputed_features(
@@ -252,7 +246,7 @@ def _stats(table: pa.Table, embedded: int) -> dict[str, Any]:
     errors: dict[str, int] = {}
     if failed:
         for item in pc.value_counts(table.column("error").drop_null()).to_pylist():
-            kind = _error_kind(item["values"])
+            kind = error_kind(item["values"])
             errors[kind] = errors.get(kind, 0) + int(item["counts"])
     # "precomputed" counts the rows whose vectors came with the input: the run labels its
     # embedding signal "precomputed" (they are usually CLIP, not SSCD).

@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dedup import __version__
+from dedup._progress import silent
 from dedup._io import atomic_path, atomic_write_text, output_errors
 from dedup._types import Shard, ShardKind
 from dedup.config import RunConfig, from_dict, to_dict
@@ -550,7 +551,7 @@ def add(
 
     out_dir = Path(out)
     directory = index_dir(out_dir)
-    prog = progress or pipeline._silent
+    prog = progress or silent
     snapshot = open_index(out_dir)
     cfg = snapshot.config  # the index's settings: what the outputs and the index record
     speed = cfg.with_overrides({"workers": workers, "embed.batch_size": batch_size})  # same results

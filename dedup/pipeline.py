@@ -15,17 +15,18 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup import __version__
+from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_write_text, is_temp_name, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
 from dedup.cluster import components
@@ -50,27 +51,6 @@ from dedup.search import (
 )
 from dedup.select import keepers
 from dedup.sources import discover
-
-
-class ProgressBar(Protocol):
-    def update(self, n: int = 1) -> object: ...
-    def set_postfix_str(self, s: str) -> object: ...
-
-
-ProgressFactory = Callable[[str, int | None, str], AbstractContextManager[ProgressBar]]
-"""``progress(stage, total, unit)`` → a context manager whose value has ``update(n)``."""
-
-
-class _Silent:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-
-def _silent(stage: str, total: int | None, unit: str) -> AbstractContextManager[ProgressBar]:
-    return nullcontext(_Silent())
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +79,7 @@ def run(
 ) -> RunResult:
     """Deduplicate ``sources`` into ``out``; resumes from the checkpoints of an earlier run."""
     cfg = config or RunConfig()
-    prog = progress or _silent
+    prog = progress or silent
     out_dir = Path(out)
     _prepare_out(out_dir)
     shards = discover(sources, folder_batch=cfg.folder_batch)
@@ -122,7 +102,7 @@ def featurize(
     cfg: RunConfig,
     *,
     executor: Executor | None = None,
-    progress: ProgressFactory = _silent,
+    progress: ProgressFactory = silent,
 ) -> tuple[pa.Table, np.ndarray, dict[str, dict[str, Any]]]:
     """The per-shard stage: features of every shard (checkpointed under ``work``, resumed from
     there), then all rows in shard order, their embeddings and each shard's stats."""
@@ -189,7 +169,7 @@ def find_edges(
     vectors: np.ndarray,
     cfg: RunConfig,
     *,
-    progress: ProgressFactory = _silent,
+    progress: ProgressFactory = silent,
     work_dir: Path | None = None,
 ) -> tuple[Edges, dict[float, tuple[int, int]]]:
     """Every link the configured signals make, and the pair counts at the report thresholds.
@@ -277,7 +257,7 @@ def finish(
     cfg: RunConfig,
     *,
     shard_stats: dict[str, Any],
-    progress: ProgressFactory = _silent,
+    progress: ProgressFactory = silent,
     shards: Sequence[Shard] | None = None,
     catalog: Catalog | None = None,
 ) -> RunResult:

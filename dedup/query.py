@@ -16,8 +16,7 @@ the page are read back from the run's sources; a source that is gone just shows 
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_path, atomic_write_text
 from dedup._types import Shard
 from dedup.config import EmbedConfig, RunConfig
@@ -48,18 +48,6 @@ MATCHES_SCHEMA = pa.schema(
 MATCHES_FILE = "matches.parquet"
 PAGE_FILE = "matches.html"
 HTML_LIMIT = 200  # generations shown in the page (the highest best similarity first)
-
-Progress = Callable[[str, int | None, str], AbstractContextManager[Any]]
-
-
-class _Silent:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def _silent(stage: str, total: int | None, unit: str) -> AbstractContextManager[Any]:
-    return nullcontext(_Silent())
-
 
 @dataclass(frozen=True, slots=True)
 class QueryResult:
@@ -184,7 +172,7 @@ def query(
     flag_at: float = 0.5,
     thumbnails: bool = True,
     thumb_size: int = 128,
-    progress: Progress | None = None,
+    progress: ProgressFactory | None = None,
 ) -> QueryResult:
     """Find the top-``top_k`` training matches of each image in ``images`` and write
     ``OUT/matches.parquet`` and ``OUT/matches.html``.
@@ -205,7 +193,7 @@ def query(
 
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
-    prog = progress or _silent
+    prog = progress or silent
     files = find_images(images)
     idx = open_index(index)
     out_dir = _prepare_out(Path(out))

@@ -69,6 +69,23 @@ class Executor(Protocol):
     ) -> dict[str, dict[str, Any]]: ...
 
 
+def split_finished(
+    shards: Sequence[Shard], markers: Markers, on_done: OnDone | None
+) -> tuple[dict[str, dict[str, Any]], list[Shard]]:
+    """Stats of the shards a valid marker says are done (reported to ``on_done``), and the rest."""
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[Shard] = []
+    for shard in shards:
+        stats = markers.read(shard)
+        if stats is None:
+            todo.append(shard)
+        else:
+            results[shard.shard_id] = stats
+            if on_done is not None:
+                on_done(shard, stats)
+    return results, todo
+
+
 def merge_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Sum per-shard stats: numbers add up, nested dicts merge key by key."""
     total: dict[str, Any] = {}

@@ -9,7 +9,7 @@ from typing import Any
 
 from dedup._types import Shard
 from dedup.errors import DedupError
-from dedup.executors.base import Markers, OnDone, OnProgress, Step
+from dedup.executors.base import Markers, OnDone, OnProgress, Step, split_finished
 
 
 class ShardFailedError(DedupError):
@@ -39,16 +39,7 @@ class LocalExecutor:
         on_done: OnDone | None = None,
         on_progress: OnProgress | None = None,
     ) -> dict[str, dict[str, Any]]:
-        results: dict[str, dict[str, Any]] = {}
-        todo: list[Shard] = []
-        for shard in shards:
-            stats = markers.read(shard)
-            if stats is None:
-                todo.append(shard)
-            else:
-                results[shard.shard_id] = stats
-                if on_done is not None:
-                    on_done(shard, stats)
+        results, todo = split_finished(shards, markers, on_done)
         if self.workers == 1 or len(todo) <= 1:
             for shard in todo:
                 stats = self._attempt_inline(step, shard, on_progress)

@@ -23,7 +23,7 @@ from typing import Any
 
 from dedup._types import Shard
 from dedup.errors import DedupError, missing_dependency
-from dedup.executors.base import Markers, OnDone, OnProgress, Step
+from dedup.executors.base import Markers, OnDone, OnProgress, Step, split_finished
 from dedup.executors.local import ShardFailedError, _failed
 
 
@@ -83,16 +83,7 @@ class RayExecutor:
         on_done: OnDone | None = None,
         on_progress: OnProgress | None = None,
     ) -> dict[str, dict[str, Any]]:
-        results: dict[str, dict[str, Any]] = {}
-        todo: list[Shard] = []
-        for shard in shards:
-            stats = markers.read(shard)
-            if stats is None:
-                todo.append(shard)
-            else:
-                results[shard.shard_id] = stats
-                if on_done is not None:
-                    on_done(shard, stats)
+        results, todo = split_finished(shards, markers, on_done)
         if not todo:
             return results
         ray = _ray()

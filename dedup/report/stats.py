@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from dedup import __version__
 from dedup.config import ReportConfig, RunConfig, to_dict
+from dedup.errors import error_kind
 from dedup.report.phrases import key_phrases
 from dedup.search import Edges, Signal
 
@@ -40,7 +41,7 @@ def build_report(
 
     errors: dict[str, int] = {}
     for err in manifest.filter(pa.compute.equal(manifest.column("status"), "failed")).column("error").to_pylist():
-        kind = (err or "unknown").split(":", 1)[0].strip()[:60] or "unknown"
+        kind = error_kind(err)
         errors[kind] = errors.get(kind, 0) + 1
 
     links = edges.counts_by_signal()
