@@ -132,7 +132,9 @@ def score(labels_table: Any, assignment: Mapping[str, Hashable | None]) -> dict[
       cluster's size). ``l1`` is the L1 distance between the two normalised histograms of
       per-image counts, ``tv`` half of it (total variation, in [0, 1]), ``mae`` the mean of
       |true - predicted| over images. ``mean_true`` / ``mean_pred``: the mean copy count of the
-      images in groups / clusters of 2 or more (``None`` when there are none).
+      images in groups / clusters of 2 or more (``None`` when there are none);
+      ``mean_dup_true`` / ``mean_dup_pred`` the same less one: the paper's "duplicate count" (other
+      copies of an image; Somepalli et al. 2022), as report.json's ``samples_with_duplicates``.
     """
     import numpy as np
 
@@ -230,6 +232,8 @@ def score(labels_table: Any, assignment: Mapping[str, Hashable | None]) -> dict[
             "mae": float(np.abs(true_count - pred_count).mean()) if n else 0.0,
             "mean_true": float(multi_true.mean()) if multi_true.size else None,
             "mean_pred": float(multi_pred.mean()) if multi_pred.size else None,
+            "mean_dup_true": float(multi_true.mean()) - 1 if multi_true.size else None,
+            "mean_dup_pred": float(multi_pred.mean()) - 1 if multi_pred.size else None,
             "hist_true": {int(k): v for k, v in sorted(hist_true.items())},
             "hist_pred": {int(k): v for k, v in sorted(hist_pred.items())},
         },
@@ -614,7 +618,13 @@ def write_assignment(path: Path, assignment: Mapping[str, Hashable]) -> None:
 
 
 def run_method(
-    method: Method, images: Path, labels: Any, out: Path, idd_python: str | None, dedup: Sequence[str] | None = None
+    method: Method,
+    images: Path,
+    labels: Any,
+    out: Path,
+    idd_python: str | None,
+    dedup: Sequence[str] | None = None,
+    n_images: int | None = None,
 ) -> Outcome:
     """Run one method in a child process, measured, and score what it wrote."""
     from e2e import run_measured
@@ -623,7 +633,7 @@ def run_method(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    outcome = Outcome(method, method_command(method, images, out_dir, idd_python, dedup), images=labels.num_rows)
+    outcome = Outcome(method, method_command(method, images, out_dir, idd_python, dedup), images=n_images or labels.num_rows)
     log = out_dir / "log.txt"
     stats = run_measured(outcome.command, log)
     outcome.run = asdict(stats)
@@ -677,7 +687,13 @@ def markdown_tables(outcomes: Sequence[Outcome], edits: Sequence[str], edit_tota
         by = o.score["recall_by_edit"]
         cells = [_f(by[e]["recall"], 2) if e in by else "–" for e in edits]
         table2.append(f"| {o.method.name} | " + " | ".join(cells) + f" | {_f(o.score['copy_recall'], 3)} |")
-    return "\n".join(lines) + "\n\nRecall per edit (copies in their original's cluster; column: copies):\n\n" + "\n".join(
+    legend = (
+        "precision / recall / F1: pairwise over clusters; partial recall: 'partial' copies in their original's "
+        "cluster; hard-neg merges: lookalikes merged with the image they resemble; dup-count TV: total variation "
+        "between the true and predicted distributions of per-image copy counts; mean copies: mean group / cluster "
+        "size of the images in one of 2 or more; img/s and peak MiB: the whole child process tree, start-up included."
+    )
+    return "\n".join(lines) + "\n\n" + legend + "\n\nRecall per edit (copies in their original's cluster; column: copies):\n\n" + "\n".join(
         table2
     )
 
@@ -786,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped[m.name] = reason
             continue
         print(f"run  {m.name}: {shlex.join(method_command(m, images, opts.out / m.slug, idd_python, dedup))}", flush=True)
-        o = run_method(m, images, labels, opts.out, idd_python, dedup)
+        o = run_method(m, images, labels, opts.out, idd_python, dedup, len(on_disk))
         outcomes.append(o)
         if o.error:
             print(f"     failed: {o.error}", flush=True)
@@ -827,6 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "command": o.command,
                 "run": o.run,
                 "images_per_second": (o.images / o.wall) if o.wall else None,
+                "assignment": str(opts.out / o.method.slug / "assignment.parquet") if o.score else None,
                 "peak_mib": o.peak_mib,
                 "error": o.error,
                 "score": o.score,

@@ -59,6 +59,7 @@ def test_perfect() -> None:
     dc = s["dup_count"]
     assert (dc["l1"], dc["tv"], dc["mae"]) == (0.0, 0.0, 0.0)
     assert dc["mean_true"] == dc["mean_pred"] == pytest.approx(20 / 6)  # (4*4 + 2*2) / 6 images
+    assert dc["mean_dup_true"] == dc["mean_dup_pred"] == pytest.approx(14 / 6)  # other copies: (4*3 + 2*1) / 6
     assert dc["hist_true"] == dc["hist_pred"] == {1: 2, 2: 2, 4: 4}
     assert s["clusters_gt1"] == {"true": 2, "predicted": 2}
     assert s["unassigned"] == 0
@@ -121,6 +122,7 @@ def test_one_merged_hard_negative() -> None:
     assert dc["l1"] == pytest.approx(1.25) and dc["tv"] == pytest.approx(0.625)
     assert dc["mae"] == pytest.approx((4 * 1 + 1 * 4) / 8)
     assert dc["mean_pred"] == pytest.approx((5 * 5 + 2 * 2) / 7)
+    assert dc["mean_dup_pred"] == pytest.approx((5 * 4 + 2 * 1) / 7)
 
 
 def test_copy_split_from_its_original() -> None:
@@ -194,3 +196,37 @@ def test_phash_clusters_chain_within_distance() -> None:
     assert got["a"] == got["b"] == got["c"] != got["d"]
     got = quality.phash_clusters(hashes, 3)
     assert len(set(got.values())) == 4
+
+
+def test_main_end_to_end(tmp_path: Path) -> None:
+    """The whole loop on 6 tiny images with the two fastest peers: children, assignment files,
+    results.json and the tables."""
+    pytest.importorskip("imagehash")
+    pytest.importorskip("faiss")
+    import json
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for g in range(3):
+        img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((96, 96))
+        img.save(data / "images" / f"g{g}.png")
+        rows.append((f"g{g}.png", g, "original", -1))
+        img.resize((64, 64)).save(data / "images" / f"g{g}r.jpg", quality=95)
+        rows.append((f"g{g}r.jpg", g, "resize", -1))
+    pq.write_table(_labels(rows), data / "labels.parquet")
+    out = tmp_path / "out"
+    rc = quality.main(["--data", str(data), "--out", str(out), "--method", "imagehash:phash", "--method", "immaculate:pdq"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"imagehash:phash", "immaculate:pdq"}
+    for name, slug in (("imagehash:phash", "imagehash_phash"), ("immaculate:pdq", "immaculate_pdq")):
+        r = results["methods"][name]
+        assert r["error"] is None and r["score"]["images"] == 6
+        assert r["score"]["recall_by_edit"]["resize"]["recall"] == 1.0  # a plain resize: both catch it
+        assert pq.read_table(out / slug / "assignment.parquet").num_rows == 6
+    assert results["machine"]["load_start"] and results["data"]["images"] == 6
