@@ -625,6 +625,7 @@ def run_method(
     idd_python: str | None,
     dedup: Sequence[str] | None = None,
     n_images: int | None = None,
+    timeout: float | None = None,
 ) -> Outcome:
     """Run one method in a child process, measured, and score what it wrote."""
     from e2e import run_measured
@@ -635,8 +636,12 @@ def run_method(
     out_dir.mkdir(parents=True)
     outcome = Outcome(method, method_command(method, images, out_dir, idd_python, dedup), images=n_images or labels.num_rows)
     log = out_dir / "log.txt"
-    stats = run_measured(outcome.command, log)
+    cmd = outcome.command if timeout is None else ["timeout", "-k", "10", str(timeout), *outcome.command]
+    stats = run_measured(cmd, log)
     outcome.run = asdict(stats)
+    if timeout is not None and stats.returncode in (124, 137):
+        outcome.error = f"timed out after {timeout:g} s (--timeout); log: {log}"
+        return outcome
     if stats.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
         outcome.error = f"exit code {stats.returncode}; {log} ends with:\n" + "\n".join(tail)
@@ -737,6 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"the Python with imagededup (and torch) installed (default $QUALITY_IMAGEDEDUP_PYTHON or "
         f"{DEFAULT_IMAGEDEDUP_PYTHON.relative_to(REPO)})",
     )
+    ap.add_argument("--timeout", type=float, default=None, help="seconds one method may run (default: no limit)")
     ap.add_argument(
         "--dedup",
         default=None,
@@ -802,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped[m.name] = reason
             continue
         print(f"run  {m.name}: {shlex.join(method_command(m, images, opts.out / m.slug, idd_python, dedup))}", flush=True)
-        o = run_method(m, images, labels, opts.out, idd_python, dedup, len(on_disk))
+        o = run_method(m, images, labels, opts.out, idd_python, dedup, len(on_disk), opts.timeout)
         outcomes.append(o)
         if o.error:
             print(f"     failed: {o.error}", flush=True)
