@@ -703,6 +703,19 @@ def markdown_tables(outcomes: Sequence[Outcome], edits: Sequence[str], edit_tota
     )
 
 
+def _git_state() -> dict[str, Any]:
+    """This checkout's commit and whether dedup/ or configs/ differ from it (what `dedup` ran)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dedup", "configs"], cwd=REPO, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    changed = [line[3:] for line in dirty.stdout.splitlines()]
+    return {"commit": head.stdout.strip(), "dedup_files_changed": changed}
+
+
 def _load() -> dict[str, float]:
     one, five, fifteen = os.getloadavg()
     return {"1min": round(one, 2), "5min": round(five, 2), "15min": round(fifteen, 2)}
@@ -791,6 +804,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{sum(edit_totals.values())} copies, {n_look} hard negatives"
     )
 
+    git = _git_state()
+    if dedup is None and any(m.kind == "dedup" for m in methods) and git.get("dedup_files_changed"):
+        print(
+            f"note: dedup runs this working tree, with {len(git['dedup_files_changed'])} files under dedup/ or "
+            f"configs/ changed since {git['commit'][:10]} (listed in results.json)"
+        )
     idd_python, idd_reason = (None, None)
     if any(m.kind == "imagededup" for m in methods):
         idd_python, idd_reason = imagededup_python(opts.imagededup_python)
@@ -843,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": opts.seed,
         },
         "machine": {"cpus": os.cpu_count(), "load_start": start_load, "load_end": end_load},
+        "dedup": {"command": dedup or "the dedup console script", "checkout": git},
         "methods": {
             o.method.name: {
                 "spec": asdict(o.method),
