@@ -445,7 +445,7 @@ def edit_combo(img: Image.Image, rng: np.random.Generator) -> Edited:
 class Template:
     tid: int
     background: np.ndarray  # (H, W, 3) uint8: the whole scene without the picture
-    slot: tuple[int, int, int, int]  # x0, y0, x1, y1: where the framed picture goes
+    slot: tuple[int, int, int, int]  # x0, y0, x1, y1: the framed picture is centred on it
     frame: int  # frame width in px (0: none)
     frame_colour: tuple[int, int, int]
     mat: int  # passe-partout width in px (0: none)
@@ -453,6 +453,7 @@ class Template:
     shadow: tuple[int, int, int, float]  # dx, dy, blur radius, opacity (0 opacity: none)
     warp: tuple[float, ...] | None  # 8 corner offsets as fractions of the framed size, or None
     kind: str  # background kind, for edit_detail
+    frac: float = 0.35  # the picture's share of the scene area (less only when its aspect forbids)
 
 
 def _wall(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, str]:
@@ -507,7 +508,7 @@ def make_template(
         background, kind = np.asarray(_rgb(bg)), f"photo-blur{blur:g}"
     else:
         background, kind = _wall(rng, size)
-    frac = float(rng.uniform(0.25, 0.6))  # slot area / scene area
+    frac = float(rng.uniform(0.22, 0.58))  # picture area / scene area
     sa = float(rng.uniform(0.75, 1.33))
     sw = min(int(w * 0.9), round(math.sqrt(frac * w * h * sa)))
     sh = min(int(h * 0.9), round(frac * w * h / sw))
@@ -523,20 +524,24 @@ def make_template(
     if warp is None:
         warp = bool(rng.random() < 0.5)
     warp_t = tuple(float(v) for v in rng.uniform(-0.06, 0.06, 8)) if warp else None
-    return Template(tid, background, (x0, y0, x0 + sw, y0 + sh), frame, frame_colour, mat, mat_colour, shadow, warp_t, kind)
+    return Template(tid, background, (x0, y0, x0 + sw, y0 + sh), frame, frame_colour, mat, mat_colour, shadow, warp_t, kind, frac)
 
 
 def render_scene(img: Image.Image, tpl: Template) -> tuple[Image.Image, str, tuple[int, int, int, int]]:
     """Put ``img`` into the template: returns (scene, detail, box of the picture before warping).
 
-    The picture keeps its aspect: it is scaled to fit the slot inside frame and mat, centred."""
+    The picture keeps its aspect and covers ``tpl.frac`` of the scene (less where its aspect
+    would not fit), framed, centred on the template's slot (moved inwards to stay inside)."""
     img = _rgb(img)
     scene = Image.fromarray(tpl.background).convert("RGBA")
     x0, y0, x1, y1 = tpl.slot
     border = tpl.frame + tpl.mat
-    iw, ih = (x1 - x0) - 2 * border, (y1 - y0) - 2 * border
-    s = min(iw / img.width, ih / img.height)
-    pw, ph = max(8, round(img.width * s)), max(8, round(img.height * s))
+    sw_, sh_ = scene.size
+    area = tpl.frac * sw_ * sh_
+    pw_f = math.sqrt(area * img.width / img.height)
+    ph_f = area / pw_f
+    s = min(1.0, (0.94 * sw_ - 2 * border) / pw_f, (0.9 * sh_ - 2 * border) / ph_f)
+    pw, ph = max(8, round(pw_f * s)), max(8, round(ph_f * s))
     fw, fh = pw + 2 * border, ph + 2 * border
     framed = Image.new("RGB", (fw, fh), tpl.frame_colour)
     if tpl.mat:
@@ -545,7 +550,8 @@ def render_scene(img: Image.Image, tpl: Template) -> tuple[Image.Image, str, tup
         d = ImageDraw.Draw(framed)
         d.rectangle((0, 0, fw - 1, fh - 1), outline=tuple(max(0, c - 40) for c in tpl.frame_colour), width=max(1, tpl.frame // 4))
     framed.paste(img.resize((pw, ph), Image.Resampling.LANCZOS), (border, border))
-    fx, fy = x0 + ((x1 - x0) - fw) // 2, y0 + ((y1 - y0) - fh) // 2
+    fx = min(max((x0 + x1 - fw) // 2, int(0.03 * sw_)), sw_ - fw - int(0.03 * sw_))
+    fy = min(max((y0 + y1 - fh) // 2, int(0.03 * sh_)), sh_ - fh - int(0.05 * sh_))
     box = (fx + border, fy + border, fx + border + pw, fy + border + ph)
     rgba = framed.convert("RGBA")
     pos = (fx, fy)
@@ -873,8 +879,6 @@ def build(
 ) -> Path:
     """Build the dataset into ``out_dir`` (skipped when it exists with the same parameters and
     ``rebuild`` is false) and return ``out_dir``."""
-    import pandas as pd
-
     out = Path(out_dir)
     params = _params(n_clip, n_photo, seed)
     if not rebuild and (out / "labels.parquet").exists() and (out / "meta.json").exists():
@@ -1101,30 +1105,40 @@ def build(
                 like = int(base_gid[others[0]])
         add(data, ext, int(base_gid[c["base"]]), c["edit"], detail, base[c["base"]]["source"], like, f"c{c['uid']}")
 
-    # ---- write (into a temporary folder, then swap it in)
+    df = write_dataset(
+        out, rows, lambda d: _meta(d, params, packages, missing, licences, n_tpl, tpl_users, len(photo_paths), len(cands))
+    )
+    log(f"wrote {len(df)} images to {out}")
+    print_summary(df)
+    return out
+
+
+def write_dataset(out: Path, rows: list[dict[str, Any]], meta_fn: Callable[[Any], dict[str, Any]]) -> Any:
+    """Write ``rows`` (label columns plus ``_data``: the file's bytes) as ``out/images``,
+    ``labels.parquet`` (sorted by file) and ``meta.json``; build in ``out.building``, self-check,
+    then swap it in. Returns the labels DataFrame."""
+    import pandas as pd
+
     tmp = out.with_name(out.name + ".building")
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "images").mkdir(parents=True)
-    rows.sort(key=lambda r: r["file"])
+    rows = sorted(rows, key=lambda r: r["file"])
     names = [r["file"] for r in rows]
     if len(set(names)) != len(names):
         raise RuntimeError("file name collision")
     for r in rows:
-        (tmp / "images" / r["file"]).write_bytes(r.pop("_data"))
-    df = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
+        (tmp / "images" / r["file"]).write_bytes(r["_data"])
+    df = pd.DataFrame([{k: r[k] for k in LABEL_COLUMNS} for r in rows], columns=list(LABEL_COLUMNS))
     df["group"] = df["group"].astype("int64")
     df["lookalike_of"] = df["lookalike_of"].astype("int64")
     df.to_parquet(tmp / "labels.parquet", index=False)
-    meta = _meta(df, params, packages, missing, licences, n_tpl, tpl_users, len(photo_paths), len(cands))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (tmp / "meta.json").write_text(json.dumps(meta_fn(df), indent=2, sort_keys=True) + "\n")
     check(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    log(f"wrote {len(df)} images to {out}")
-    print_summary(df)
-    return out
+    return df
 
 
 def _hardneg_kind(detail: str, edit: str, source: str, like: int) -> str | None:
