@@ -16,8 +16,9 @@ manifest against brute force on a sample of query rows (most of them members of 
 * ``far_below``: of the cluster-mates of the queries, the share whose cosine to the query is more
   than 0.1 under the threshold (chaining: planted chains put some there by design).
 
-Prints, per N: wall time, peak RSS of the child (``RUSAGE_CHILDREN``), embedding edges, recall,
-far-below share, and the machine load.
+Prints, per N: wall time, peak RSS of the child (``wait4``), embedding edges, recall,
+far-below share, and the machine load; then, per N, each global phase's wall time and peak RSS
+(sampled by the run itself with ``DEDUP_PHASES=1``).
 
     python bench/scale.py                      # N = 100k and 1M
     python bench/scale.py --n 100k --n 1m --n 10m --json bench/out/scale.json
@@ -29,7 +30,7 @@ import argparse
 import json
 import math
 import os
-import resource
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,7 @@ class Result:
     load_before: str
     load_after: str
     exit_code: int
+    phases: list[dict[str, float | str]] | None = None
 
 
 def run_cli(data: Path, out: Path, threshold: float, extra: list[str]) -> tuple[float, float, int]:
@@ -257,12 +259,24 @@ def run_cli(data: Path, out: Path, threshold: float, extra: list[str]) -> tuple[
     cmd = [str(dedup), "run", str(data), "--out", str(out), "--threshold", str(threshold), "--quiet", *extra]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    # DEDUP_PHASES: the run prints "[phase] NAME: S s, peak RSS G GiB ..." per global phase.
+    proc = subprocess.Popen(cmd, env={**os.environ, "DEDUP_PHASES": "1"}, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    phases.clear()
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        found = _PHASE.match(line)
+        if found:
+            phases.append({"phase": found["name"], "seconds": float(found["s"]), "peak_rss_gib": float(found["gib"])})
     # wait4: this child's own rusage (RUSAGE_CHILDREN would keep the largest child of the run)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     return wall, usage.ru_maxrss / (1 << 20), proc.returncode  # ru_maxrss is in KiB on Linux
+
+
+_PHASE = re.compile(r"^\[phase\] (?P<name>[^:]+): (?P<s>[0-9.]+) s, peak RSS (?P<gib>[0-9.]+) GiB")
+phases: list[dict[str, float | str]] = []
 
 
 def check(data: Path, out: Path, n: int, threshold: float, queries: int, seed: int = 7) -> dict[str, float | int]:
@@ -354,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         wall, rss, code = run_cli(data, out, args.threshold, args.extra)
         after = _load()
         if code != 0:
-            results.append(Result(n, wall, rss, 0, 0, 0, 0, float("nan"), float("nan"), 0, before, after, code))
+            results.append(Result(n, wall, rss, 0, 0, 0, 0, float("nan"), float("nan"), 0, before, after, code, list(phases)))
             continue
         report = json.loads((out / "report.json").read_text())
         checked = check(data, out, n, args.threshold, args.queries)
@@ -364,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             Result(
                 n, wall, rss, edges, pairs,
                 int(checked["queries"]), int(checked["exact_pairs"]), float(checked["recall"]),
-                float(checked["far_below"]), int(checked["mates_checked"]), before, after, code,
+                float(checked["far_below"]), int(checked["mates_checked"]), before, after, code, list(phases),
             )
         )  # fmt: skip
         if not args.keep:
@@ -375,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.n:>11,} {r.wall_s:>8.1f} {r.peak_rss_gib:>13.2f} {r.edges:>11,} {r.recall:>8.4f} {r.far_below:>10.4f}"
             f"  {r.load_before} → {r.load_after}" + (f"  (exit {r.exit_code})" if r.exit_code else "")
         )
+    for r in results:
+        if r.phases:
+            print(f"{r.n:>11,} per phase: " + "; ".join(f"{p['phase']} {p['seconds']:.1f} s / {p['peak_rss_gib']:.2f} GiB" for p in r.phases))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

@@ -45,8 +45,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dedup._progress import silent
+from dedup._types import Shard, ShardKind
 from dedup.cluster import components
 from dedup.config import GateConfig, KeepPolicy, RunConfig
+from dedup.errors import ConfigError
 from dedup.index import AddPlan, Index, IndexUnreadableError, add, hash_codes, open_index, plan_add, resolve_source
 from dedup.manifest import build_manifest
 from dedup.search import Edges, Signal, normalise_caption, normalise_url
@@ -227,6 +229,7 @@ def check(
     base = open_index(against, columns=BASELINE_COLUMNS, search=True)
     cfg = base.config.with_overrides({"workers": workers, "embed.batch_size": batch_size})
     plan = plan_add(base, [source], folder_batch=cfg.folder_batch)
+    refuse_mixed_vectors(base, plan.new, cfg)
     loaded = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dedup-check-") as tmp:
         work_dir = (Path(work) if work is not None else Path(tmp)) / cfg.stage_key()
@@ -307,6 +310,34 @@ class CrossLinks:
 
     def __len__(self) -> int:
         return int(self.drop.shape[0])
+
+
+def refuse_mixed_vectors(base: Index, new: Sequence[Shard], cfg: RunConfig) -> None:
+    """Refuse a drop whose vectors are of another kind than the index's: precomputed embeddings
+    (CLIP, usually) against a model's, or the other way round. Scores between them mean nothing,
+    and nothing else would notice when the dimensions agree.
+
+    Raises:
+        ConfigError: the kinds differ.
+    """
+    from dedup.config import EmbedModel
+    from dedup.pipeline import PRECOMPUTED
+
+    if not int(base.meta.get("embedded") or 0):
+        return
+    theirs = str(base.meta.get("model", base.config.embed.model.value))
+    precomputed = [s for s in new if s.kind is ShardKind.EMBEDDINGS]
+    images = [s for s in new if s.kind is not ShardKind.EMBEDDINGS]
+    mine = {PRECOMPUTED} if precomputed else set()
+    if images and cfg.embed.model is not EmbedModel.NONE:
+        mine.add(cfg.embed.model.value)
+    other = sorted(m for m in mine if m != theirs)
+    if other:
+        raise ConfigError(
+            f"the index in {base.directory} holds {theirs} embeddings ({base.meta.get('dim')}-d) and the "
+            f"drop gives {other[0]} ones: they cannot be compared; hint: check a drop of the same kind "
+            "(precomputed embeddings against an index of precomputed embeddings, images against an index of images)"
+        )
 
 
 def baseline_links(base: Index, table: pa.Table, vectors: np.ndarray, cfg: RunConfig) -> CrossLinks:

@@ -51,6 +51,7 @@ from dedup._io import atomic_path, atomic_write_text, output_errors
 from dedup._types import Shard, ShardKind
 from dedup.config import RunConfig, from_dict, to_dict
 from dedup.errors import DedupError
+from dedup.rows import FeatureRows, as_rows
 from dedup.search import pack_uint64
 
 if TYPE_CHECKING:
@@ -121,7 +122,11 @@ class Catalog:
 
     @classmethod
     def of_run(
-        cls, sources: Sequence[str] | str, shards: Sequence[Shard], per_shard: dict[str, dict[str, Any]], table: pa.Table
+        cls,
+        sources: Sequence[str] | str,
+        shards: Sequence[Shard],
+        per_shard: dict[str, dict[str, Any]],
+        table: pa.Table | FeatureRows,
     ) -> Catalog:
         """The catalog of ``run(sources)``: ``shards`` from discover(sources), ``table`` its rows."""
         given = [sources] if isinstance(sources, str) else list(sources)
@@ -196,28 +201,43 @@ def resolve_source(source: str) -> str:
 
 def write_index(
     directory: Path,
-    table: pa.Table,
+    table: pa.Table | FeatureRows,
     vectors: np.ndarray,
     labels: np.ndarray,
     cfg: RunConfig,
     *,
     catalog: Catalog | None = None,
+    embedding_model: str | None = None,
 ) -> None:
     """Write the index of ``table`` (featurize.SCHEMA rows in index order) into ``directory``.
 
-    Every file is replaced atomically and ``meta.json`` goes last; callers hold the exclusive
-    :func:`index_lock` so readers never see a mix of two generations.
+    ``embedding_model``: what made the vectors, when it is not ``cfg.embed.model`` (a run over
+    precomputed embeddings: ``precomputed``); ``query`` and ``check`` refuse to compare vectors
+    of another kind or dimension. Every file is replaced atomically and ``meta.json`` goes
+    last; callers hold the exclusive :func:`index_lock` so readers never see a mix of two
+    generations. samples.parquet is written a row group at a time, from the rows as they lie.
     """
+    from dedup.manifest import _GroupWriter
+
+    rows = as_rows(table)
     directory.mkdir(parents=True, exist_ok=True)
     catalog = catalog or Catalog((), ())
     previous = _read_json(directory / META) or {}
-    embedded = np.asarray(table.column("embedded").to_numpy(zero_copy_only=False), bool)
-    emb_row = np.full(table.num_rows, -1, np.int64)
+    embedded = rows.flags("embedded")
+    emb_row = np.full(rows.num_rows, -1, np.int64)
     emb_row[embedded] = np.arange(int(embedded.sum()), dtype=np.int64)
-    samples = table.append_column("cluster_id", pa.array(labels, pa.int64()))
-    samples = samples.append_column("emb_row", pa.array(emb_row, pa.int64()))
-    with atomic_path(directory / SAMPLES) as tmp:
-        pq.write_table(samples, tmp, compression="zstd")
+    schema = rows.schema.append(pa.field("cluster_id", pa.int64())).append(pa.field("emb_row", pa.int64()))
+
+    def samples() -> Iterator[pa.Table]:
+        start = 0
+        for group in rows.batches():
+            stop = start + group.num_rows
+            group = group.append_column("cluster_id", pa.array(labels[start:stop], pa.int64()))
+            yield group.append_column("emb_row", pa.array(emb_row[start:stop], pa.int64()))
+            start = stop
+
+    _GroupWriter(directory / SAMPLES, schema, compression="zstd").write(samples())
+    del emb_row
     with atomic_path(directory / SHARDS) as tmp:
         pq.write_table(_shards_table(catalog), tmp, compression="zstd")
     # Too many embeddings to hold (dedup.partition.VectorFiles, issue 8): streamed to the same
@@ -234,25 +254,22 @@ def write_index(
     if not streamed and vectors.ndim == 2 and vectors.shape[0]:
         index = faiss.IndexFlatIP(int(vectors.shape[1]))
         index.add(vectors)
-        with atomic_path(directory / EMBEDDINGS_FAISS) as tmp:
-            faiss.write_index(index, str(tmp))
+        write_faiss(directory / EMBEDDINGS_FAISS, index)
     else:
         (directory / EMBEDDINGS_FAISS).unlink(missing_ok=True)  # never leave an older run's
-    ok_image = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok") & np.asarray(
-        table.column("has_image").to_numpy(zero_copy_only=False), bool
-    )
-    pdq_rows, pdq_codes = hash_codes(table, "pdq", ok_image)
+    ok_image = rows.equals("status", "ok") & rows.flags("has_image")
+    pdq_rows, pdq_codes = hash_codes(rows, "pdq", ok_image)
     _write_binary(directory / PDQ_FAISS, pdq_rows, pdq_codes)
-    ph_rows, ph_codes = hash_codes(table, "phash", ok_image)
+    ph_rows, ph_codes = hash_codes(rows, "phash", ok_image)
     _write_binary(directory / PHASH_FAISS, ph_rows, ph_codes)
     meta = {
         "format": FORMAT,
         "dedup_version": __version__,
         "generation": int(previous.get("generation", 0)) + 1,
-        "model": cfg.embed.model.value,
+        "model": embedding_model or cfg.embed.model.value,
         "input_size": cfg.embed.size,
         "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
-        "samples": table.num_rows,
+        "samples": rows.num_rows,
         "embedded": int(vectors.shape[0]),
         "shards": len(catalog.shards),
         "stage_key": cfg.stage_key(),
@@ -262,10 +279,25 @@ def write_index(
     atomic_write_text(directory / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def hash_codes(table: pa.Table, column: str, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def write_faiss(path: Path, index: Any) -> None:
+    """A faiss index, serialised in memory and written through :func:`atomic_path`:
+    ``faiss.write_index`` to a full disk leaves a truncated file without raising."""
+    data = faiss.serialize_index_binary(index) if isinstance(index, faiss.IndexBinary) else faiss.serialize_index(index)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(memoryview(np.ascontiguousarray(data)))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def hash_codes(table: pa.Table | FeatureRows, column: str, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, packed codes)`` of a hash column (``pdq``: 32 bytes, ``phash``: uint64) where
     ``eligible`` and not null: the layout faiss binary indexes take."""
-    values = table.column(column)
+    rows_of = as_rows(table)
+    width = 32 if column == "pdq" else 8
+    if rows_of.null_count(column) == rows_of.num_rows:  # e.g. precomputed embeddings: no hashes
+        return np.zeros(0, np.int64), np.zeros((0, width), np.uint8)
+    values = rows_of.column(column)
     valid = eligible & ~np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
     rows = np.flatnonzero(valid).astype(np.int64)
     if column == "pdq":
@@ -285,8 +317,7 @@ def _write_binary(path: Path, rows: np.ndarray, codes: np.ndarray) -> None:
         return
     index = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(int(codes.shape[1]) * 8))
     index.add_with_ids(np.ascontiguousarray(codes), rows)
-    with atomic_path(path) as tmp:
-        faiss.write_index_binary(index, str(tmp))
+    write_faiss(path, index)
 
 
 def _shards_table(catalog: Catalog) -> pa.Table:
@@ -646,17 +677,21 @@ def _prefixed(table: pa.Table, prefix: str) -> pa.Table:
     return table
 
 
-def _counts_by_shard(table: pa.Table) -> tuple[dict[str, int], dict[str, int]]:
-    """Rows and embedded rows per value of the ``shard`` column."""
-    if table.num_rows == 0:
-        return {}, {}
-    grouped = table.select(["shard", "embedded"]).group_by("shard").aggregate(
-        [("shard", "count"), ("embedded", "sum")]
-    )
-    shards = grouped.column("shard").to_pylist()
-    counts = grouped.column("shard_count").to_pylist()
-    sums = grouped.column("embedded_sum").to_pylist()
-    return dict(zip(shards, counts, strict=True)), {s: int(v or 0) for s, v in zip(shards, sums, strict=True)}
+def _counts_by_shard(table: pa.Table | FeatureRows) -> tuple[dict[str, int], dict[str, int]]:
+    """Rows and embedded rows per value of the ``shard`` column (a part at a time)."""
+    rows: dict[str, int] = {}
+    embedded: dict[str, int] = {}
+    for part in as_rows(table).tables(["shard", "embedded"]):
+        grouped = part.group_by("shard").aggregate([("shard", "count"), ("embedded", "sum")])
+        for s, c, e in zip(
+            grouped.column("shard").to_pylist(),
+            grouped.column("shard_count").to_pylist(),
+            grouped.column("embedded_sum").to_pylist(),
+            strict=True,
+        ):
+            rows[s] = rows.get(s, 0) + int(c)
+            embedded[s] = embedded.get(s, 0) + int(e or 0)
+    return rows, embedded
 
 
 def _source_index(shard_id: str, n_sources: int) -> int:

@@ -12,9 +12,14 @@ again and gives the same bytes.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import resource
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,9 +41,10 @@ from dedup.executors.base import Executor, Markers, merge_stats
 from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.index import Catalog, index_dir, index_lock, write_index
-from dedup.manifest import build_manifest, write_keep_list, write_manifest
+from dedup.manifest import Manifest, write_keep_list, write_manifest
 from dedup.partition import VectorFiles, auto_settings, partitioned_edges
 from dedup.report import build_report, write_report_pages
+from dedup.rows import FeatureRows, as_rows
 from dedup.search import (
     Edges,
     Signal,
@@ -64,6 +70,7 @@ class RunResult:
 
 
 WORK_DIR = ".work"
+RUN_LOCK = ".lock"  # flock(2) of OUT while a run writes into it
 PRECOMPUTED = "precomputed"  # the embedding label of runs over precomputed embeddings
 _IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER})
 
@@ -81,19 +88,44 @@ def run(
     cfg = config or RunConfig()
     prog = progress or silent
     out_dir = Path(out)
-    _prepare_out(out_dir)
-    shards = discover(sources, folder_batch=cfg.folder_batch)
-    _check_embedding_kinds(shards, cfg)
-    save_config(cfg, out_dir / "config.json")
-    work = out_dir / WORK_DIR / cfg.stage_key()
-    table, vectors, per_shard = featurize(shards, work, cfg, executor=executor, progress=prog)
-    shard_stats = merge_stats([per_shard[s.shard_id] for s in shards])
-    catalog = Catalog.of_run(sources, shards, per_shard, table)
-    # Writers of OUT/index hold its lock, so a concurrent `dedup check` never reads half of it.
-    with index_lock(index_dir(out_dir), exclusive=True):
-        return finish(
-            table, vectors, out_dir, cfg, shard_stats=shard_stats, progress=prog, shards=shards, catalog=catalog
-        )
+    with run_lock(out_dir):
+        phases = PhaseLog()
+        shards = discover(sources, folder_batch=cfg.folder_batch)
+        _check_embedding_kinds(shards, cfg)
+        save_config(cfg, out_dir / "config.json")
+        work = out_dir / WORK_DIR / cfg.stage_key()
+        # The rows stay in their per-shard checkpoints: the global stage reads the columns each
+        # step needs, a row group at a time where it can (dedup.rows).
+        rows, vectors, per_shard = featurize(shards, work, cfg, executor=executor, progress=prog, lazy=True)
+        shard_stats = merge_stats([per_shard[s.shard_id] for s in shards])
+        catalog = Catalog.of_run(sources, shards, per_shard, rows)
+        phases.done("read + featurize")
+        phases.close()
+        # Writers of OUT/index hold its lock, so a concurrent `dedup check` never reads half of it.
+        with index_lock(index_dir(out_dir), exclusive=True):
+            return finish(
+                rows, vectors, out_dir, cfg, shard_stats=shard_stats, progress=prog, shards=shards, catalog=catalog
+            )
+
+
+@contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Prepare ``out_dir`` and hold ``OUT/.lock`` (flock, exclusive) while a run writes into it:
+    a second run into the same folder stops at once with an OutputError (exit 2), instead of
+    the two interleaving their checkpoints and outputs."""
+    _check_out(out_dir)
+    fd = os.open(out_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"another dedup run is writing to {out_dir}; hint: wait for it to finish, or pick another --out"
+            ) from None
+        _prepare_out(out_dir)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def featurize(
@@ -103,9 +135,13 @@ def featurize(
     *,
     executor: Executor | None = None,
     progress: ProgressFactory = silent,
-) -> tuple[pa.Table, np.ndarray, dict[str, dict[str, Any]]]:
+    lazy: bool = False,
+) -> tuple[Any, np.ndarray, dict[str, dict[str, Any]]]:
     """The per-shard stage: features of every shard (checkpointed under ``work``, resumed from
-    there), then all rows in shard order, their embeddings and each shard's stats."""
+    there), then all rows in shard order, their embeddings and each shard's stats.
+
+    The rows are a ``pa.Table`` in memory, or with ``lazy`` a :class:`~dedup.rows.FeatureRows`
+    over the checkpoint files (read a column or a row group at a time)."""
     features_dir = work / "shards"
     features_dir.mkdir(parents=True, exist_ok=True)
     step = FeatureStep(config=cfg, out_dir=features_dir)
@@ -118,42 +154,29 @@ def featurize(
             seen["failed"] += int(stats.get("failed", 0))
             bar.set_postfix_str(f"{seen['shards']}/{len(shards)} shards, {seen['failed']} failed")
 
-        per_shard = runner.run(
-            step, shards, markers=Markers(work / "done"), on_done=on_done, on_progress=bar.update
-        )
-    table, vectors = load_features(step, shards)
+        # A marker whose checkpoint files are gone (deleted by hand, a cleaned disk) is not done.
+        markers = Markers(work / "done", outputs=step.paths)
+        per_shard = runner.run(step, shards, markers=markers, on_done=on_done, on_progress=bar.update)
+    table, vectors = load_features(step, shards, lazy=lazy)
     return table, vectors, per_shard
 
 
-def load_features(step: FeatureStep, shards: Sequence[Shard]) -> tuple[pa.Table, np.ndarray]:
+def load_features(step: FeatureStep, shards: Sequence[Shard], *, lazy: bool = False) -> tuple[Any, np.ndarray]:
     """All shards' feature rows (in shard order) and the embeddings of the embedded rows.
 
-    More than ``search.partition_above`` embeddings are not loaded: the result is then a
-    :class:`~dedup.partition.VectorFiles` over the per-shard ``.npy`` files (shape, blocks,
-    row gathers; ``np.asarray`` materialises it), so memory does not grow with N.
+    With ``lazy`` the rows are a :class:`~dedup.rows.FeatureRows` over the checkpoint files
+    (nothing read yet); otherwise one ``pa.Table``. More than ``search.partition_above``
+    embeddings are not loaded: the result is then a :class:`~dedup.partition.VectorFiles`
+    over the per-shard ``.npy`` files (shape, blocks, row gathers; ``np.asarray`` materialises
+    it), so memory does not grow with N.
     """
-    tables: list[pa.Table] = []
-    paths: list[Path] = []
-    for shard in shards:
-        parquet_path, npy_path = step.paths(shard)
-        tables.append(pq.read_table(parquet_path, schema=SCHEMA))
-        paths.append(npy_path)
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    del tables  # the concatenation shares their buffers
-    # One chunk per column (finish needs it so), a column at a time, each column's chunks freed
-    # once combined: one copy of the rows at a time, not two. Arrow's allocator keeps freed
-    # memory for reuse; it is handed back afterwards.
-    names = table.column_names
-    columns: list[pa.Array] = []
-    while table.num_columns:
-        columns.append(table.column(0).combine_chunks())
-        table = table.remove_column(0)
-        pa.default_memory_pool().release_unused()
-    table = pa.table(dict(zip(names, columns, strict=True)), schema=SCHEMA)
-    del columns
-    pa.default_memory_pool().release_unused()
+    paths = [step.paths(shard) for shard in shards]
+    if lazy:
+        table: Any = FeatureRows([p for p, _ in paths], SCHEMA)
+    else:
+        table = _read_tables([p for p, _ in paths])
     try:
-        files = VectorFiles(paths)
+        files = VectorFiles([n for _, n in paths])
     except ValueError as err:
         raise SourceError(
             f"{err}; hint: the embeddings of one run must come from one model (pass precomputed "
@@ -164,8 +187,25 @@ def load_features(step: FeatureStep, shards: Sequence[Shard]) -> tuple[pa.Table,
     return table, (np.asarray(files) if len(files) else np.zeros((0, 0), np.float32))
 
 
+def _read_tables(paths: Sequence[Path]) -> pa.Table:
+    tables = [pq.read_table(p, schema=SCHEMA) for p in paths]
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    del tables  # the concatenation shares their buffers
+    # One chunk per column, a column at a time, each column's chunks freed once combined.
+    names = table.column_names
+    columns: list[pa.Array] = []
+    while table.num_columns:
+        columns.append(table.column(0).combine_chunks())
+        table = table.remove_column(0)
+        pa.default_memory_pool().release_unused()
+    table = pa.table(dict(zip(names, columns, strict=True)), schema=SCHEMA)
+    del columns
+    pa.default_memory_pool().release_unused()
+    return table
+
+
 def find_edges(
-    table: pa.Table,
+    table: pa.Table | FeatureRows,
     vectors: np.ndarray,
     cfg: RunConfig,
     *,
@@ -175,21 +215,30 @@ def find_edges(
     """Every link the configured signals make, and the pair counts at the report thresholds.
 
     More than ``search.partition_above`` embeddings are searched partition by partition
-    (:mod:`dedup.partition`), spilling to ``work_dir`` (default: a temporary folder).
+    (:mod:`dedup.partition`), spilling to ``work_dir`` (default: a temporary folder). Only the
+    columns a signal needs are read, and a hash column that is empty (precomputed embeddings
+    have no hashes) is never loaded.
     """
     search = cfg.search
-    ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
-    has_image = np.asarray(table.column("has_image").to_numpy(zero_copy_only=False), bool) & ok
+    rows = as_rows(table)
+    n = rows.num_rows
+    ok = rows.equals("status", "ok")
+    has_image = rows.flags("has_image") & ok
     parts: list[Edges] = []
 
-    if search.exact and table.column("sha256").null_count < table.num_rows:  # all null: no images
-        sha = table.column("sha256").to_pylist()
-        pix = table.column("pixel_sha256").to_pylist()
+    def present(name: str) -> bool:
+        return rows.null_count(name) < n
+
+    if search.exact and present("sha256"):  # all null: no images
+        sha = rows.column("sha256").to_pylist()
+        pix = rows.column("pixel_sha256").to_pylist()
         parts.append(exact_edges([v if ok[r] else None for r, v in enumerate(sha)], signal=Signal.EXACT_BYTES))
+        del sha
         parts.append(exact_edges([v if ok[r] else None for r, v in enumerate(pix)], signal=Signal.EXACT_PIXELS))
+        del pix
 
     levels: dict[float, tuple[int, int]] = {}
-    embedded_rows = np.flatnonzero(np.asarray(table.column("embedded").to_numpy(zero_copy_only=False), bool))
+    embedded_rows = np.flatnonzero(rows.flags("embedded"))
     if vectors.shape[0] > search.partition_above:
         with progress("search (partitioned)", int(vectors.shape[0]), "vec") as bar, _scratch(work_dir) as scratch:
             found, levels = partitioned_edges(
@@ -214,36 +263,38 @@ def find_edges(
             )
         parts.append(found)
 
-    if search.pdq_distance >= 0 and table.column("pdq").null_count < table.num_rows:
-        pdq = table.column("pdq").to_pylist()
-        rows = np.array([r for r, v in enumerate(pdq) if v is not None and has_image[r]], np.int64)
-        if rows.size:
-            codes = np.frombuffer(b"".join(pdq[r] for r in rows), np.uint8).reshape(-1, 32)
+    if search.pdq_distance >= 0 and present("pdq"):
+        pdq = rows.column("pdq").to_pylist()
+        pdq_rows = np.array([r for r, v in enumerate(pdq) if v is not None and has_image[r]], np.int64)
+        if pdq_rows.size:
+            codes = np.frombuffer(b"".join(pdq[r] for r in pdq_rows), np.uint8).reshape(-1, 32)
+            del pdq
             parts.append(
-                hamming_edges(codes, max_distance=search.pdq_distance, signal=Signal.PDQ, rows=rows, block_size=search.block_size)
+                hamming_edges(codes, max_distance=search.pdq_distance, signal=Signal.PDQ, rows=pdq_rows, block_size=search.block_size)
             )
-    if search.phash_distance >= 0 and table.column("phash").null_count < table.num_rows:
-        ph = table.column("phash").to_numpy(zero_copy_only=False)
-        valid = np.array([v is not None for v in table.column("phash").to_pylist()]) & has_image
-        rows = np.flatnonzero(valid)
-        if rows.size:
-            codes = pack_uint64(np.asarray(ph[rows], np.uint64))
+    if search.phash_distance >= 0 and present("phash"):
+        column = rows.column("phash")
+        ph = column.to_numpy(zero_copy_only=False)
+        valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool) & has_image
+        ph_rows = np.flatnonzero(valid)
+        if ph_rows.size:
+            codes = pack_uint64(np.asarray(ph[ph_rows], np.uint64))
             parts.append(
-                hamming_edges(codes, max_distance=search.phash_distance, signal=Signal.PHASH, rows=rows, block_size=search.block_size)
+                hamming_edges(codes, max_distance=search.phash_distance, signal=Signal.PHASH, rows=ph_rows, block_size=search.block_size)
             )
 
     # URL and caption links only between samples we could not look at (metadata-only rows):
     # for images, identical captions ("Canvas Wall Art Print") say nothing about the pixels;
     # nor for precomputed embeddings, which are the pixels' own signal.
-    embedded = np.zeros(table.num_rows, bool)
+    embedded = np.zeros(n, bool)
     embedded[embedded_rows] = True
     meta_only = ok & ~has_image & ~embedded
     if meta_only.any():
         if search.url:
-            urls = table.column("url").to_pylist()
+            urls = rows.column("url").to_pylist()
             parts.append(exact_edges([normalise_url(u) if meta_only[r] else None for r, u in enumerate(urls)], signal=Signal.URL))
         if search.caption:
-            caps = table.column("caption").to_pylist()
+            caps = rows.column("caption").to_pylist()
             parts.append(
                 exact_edges([normalise_caption(c) if meta_only[r] else None for r, c in enumerate(caps)], signal=Signal.CAPTION)
             )
@@ -251,7 +302,7 @@ def find_edges(
 
 
 def finish(
-    table: pa.Table,
+    table: pa.Table | FeatureRows,
     vectors: np.ndarray,
     out_dir: Path,
     cfg: RunConfig,
@@ -263,35 +314,43 @@ def finish(
 ) -> RunResult:
     """The global stages over all features: search, cluster, select, and every output.
 
+    ``table``: the rows in memory or as :class:`~dedup.rows.FeatureRows` (a run's checkpoint
+    files); each step reads the columns it needs, and every per-row output is written a row
+    group at a time, so the bytes depend on the rows alone, not on where they were read from.
     ``shards`` (the run's) are where report.html reads its few thumbnails back from; when None
     they are rediscovered from the manifest's ``source`` column. ``catalog`` (sources and
     shards) goes into the index, for ``dedup index add``. Callers hold the index lock.
     """
-    # One chunk per column: parquet page boundaries follow chunk boundaries, and the manifest's
-    # bytes must depend on the rows alone (a run and run + `index add` read them differently).
-    table = table.combine_chunks()
-    edges, levels = find_edges(table, vectors, cfg, progress=progress, work_dir=out_dir / WORK_DIR / "search")
+    rows = as_rows(table)
+    timer = PhaseLog()
+    edges, levels = find_edges(rows, vectors, cfg, progress=progress, work_dir=out_dir / WORK_DIR / "search")
+    timer.done("search")
     # Precomputed embeddings (clip-retrieval: usually CLIP) are not the configured model's.
     embedding_label = PRECOMPUTED if shard_stats.get("precomputed") else cfg.embed.model.value
     with progress("cluster + select", 1, "step") as bar:
-        n = table.num_rows
+        n = rows.num_rows
         labels = components(n, edges)
-        ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
-        width = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.float64)
-        height = np.asarray(table.column("height").to_numpy(zero_copy_only=False), np.float64)
-        metric = _metric(table, cfg.keep.column) if cfg.keep.column else None
-        keep_row = keepers(labels, policy=cfg.keep.policy, eligible=ok, pixels=width * height, metric=metric)
-        manifest = build_manifest(table, labels, keep_row, edges, embedding_label=embedding_label)
+        ok = rows.equals("status", "ok")
+        pixels = rows.numbers("width") * rows.numbers("height")
+        metric = _metric(rows, cfg.keep.column) if cfg.keep.column else None
+        keep_row = keepers(labels, policy=cfg.keep.policy, eligible=ok, pixels=pixels, metric=metric)
+        del pixels, metric
+        manifest = Manifest.build(rows, labels, keep_row, edges, embedding_label=embedding_label, ok=ok)
         bar.update(1)
+    timer.done("cluster + select")
     with progress("write outputs", 1, "step") as bar:
         write_manifest(manifest, out_dir / "manifest.parquet")
         write_keep_list(manifest, out_dir / "keep.parquet")
-        write_index(index_dir(out_dir), table, vectors, labels, cfg, catalog=catalog)
+        timer.done("write manifest")
+        write_index(index_dir(out_dir), rows, vectors, labels, cfg, catalog=catalog, embedding_model=_index_model(shard_stats, vectors, cfg))
+        timer.done("write index")
         report = build_report(manifest, edges, levels, cfg, shard_stats=shard_stats, embedding_label=embedding_label)
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_report_pages(
-            report, out_dir, manifest=manifest, shards=shards, features=table, thumb_size=cfg.report.thumb_size
+            report, out_dir, manifest=manifest, shards=shards, features=rows, thumb_size=cfg.report.thumb_size
         )
+        timer.done("write report")
+        timer.close()
         bar.update(1)
     summary = report["summary"]
     return RunResult(
@@ -304,14 +363,73 @@ def finish(
     )
 
 
-def _metric(table: pa.Table, column: str) -> np.ndarray:
+def _index_model(shard_stats: dict[str, Any], vectors: np.ndarray, cfg: RunConfig) -> str:
+    """What made the index's vectors: the configured model, or ``precomputed`` for precomputed
+    embeddings (CLIP, usually), which query and check must not compare with a model's."""
+    if not shard_stats.get("precomputed"):
+        return cfg.embed.model.value
+    return PRECOMPUTED
+
+
+class PhaseLog:
+    """Per global phase: wall time and peak resident memory, to stderr when ``DEDUP_PHASES`` is
+    set (bench/scale.py sets it): where the time and memory of a run go. The peak is sampled
+    (every 50 ms, by a thread that only reads /proc/self/statm), so it may miss a spike shorter
+    than that; the process's own peak (``ru_maxrss``) is printed too."""
+
+    def __init__(self) -> None:
+        self.on = bool(os.environ.get("DEDUP_PHASES"))
+        self.start = time.perf_counter()
+        self.peak = 0.0
+        if self.on:
+            import threading
+
+            self._stop = threading.Event()
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _rss_gib())
+
+    def done(self, phase: str) -> None:
+        if not self.on:
+            return
+        now = time.perf_counter()
+        rss = _rss_gib()
+        peak = max(self.peak, rss)
+        total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+        print(
+            f"[phase] {phase}: {now - self.start:.1f} s, peak RSS {peak:.2f} GiB (process so far {total:.2f} GiB)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.start, self.peak = now, rss
+
+    def close(self) -> None:
+        if self.on:
+            self._stop.set()
+
+
+def _rss_gib() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 30)
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _metric(table: pa.Table | FeatureRows, column: str) -> np.ndarray:
     """A numeric metadata column for the ``column`` keep policy (NaN where missing)."""
-    values = np.full(table.num_rows, np.nan)
-    for r, blob in enumerate(table.column("meta").to_pylist()):
-        if blob:
-            v = json.loads(blob).get(column)
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                values[r] = float(v)
+    rows = as_rows(table)
+    values = np.full(rows.num_rows, np.nan)
+    r = 0
+    for part in rows.tables(["meta"]):
+        for blob in part.column(0).to_pylist():
+            if blob:
+                v = json.loads(blob).get(column)
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    values[r] = float(v)
+            r += 1
     return values
 
 
@@ -340,7 +458,7 @@ def _scratch(work_dir: Path | None) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _prepare_out(out_dir: Path) -> None:
+def _check_out(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--out {out_dir} exists and is not a folder; pick another path")
     try:
@@ -348,13 +466,16 @@ def _prepare_out(out_dir: Path) -> None:
     except OSError as err:
         raise OutputError(f"cannot create output folder {out_dir}: {err.strerror}") from None
     stamp = out_dir / "dedup.json"
-    # A run killed before writing its stamp leaves only a temp file: still our folder.
-    if any(p.name != WORK_DIR and not is_temp_name(p.name) for p in out_dir.iterdir()) and not stamp.exists():
+    # A run killed before writing its stamp leaves only a temp file (and its lock): still ours.
+    if any(p.name not in (WORK_DIR, RUN_LOCK) and not is_temp_name(p.name) for p in out_dir.iterdir()) and not stamp.exists():
         raise OutputError(
             f"output folder {out_dir} is not empty and was not written by dedup; "
             "choose an empty or new folder"
         )
+
+
+def _prepare_out(out_dir: Path) -> None:
+    stamp = out_dir / "dedup.json"
     remove_stale_temps(out_dir)  # temp files of killed runs (their process is gone)
     if not stamp.exists():
         atomic_write_text(stamp, json.dumps({"tool": "dedup", "version": __version__}) + "\n")
-

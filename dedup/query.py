@@ -91,6 +91,24 @@ class TrainingIndex:
 _COLUMNS = ("sample_id", "shard", "url", "caption", "status", "sha256", "has_image", "cluster_id", "emb_row")
 
 
+def refuse_foreign_vectors(meta: dict[str, Any], where: Path) -> None:
+    """Refuse an index whose vectors no model of ours made (``dedup run`` over precomputed
+    embeddings, CLIP usually): images embedded with the index's configured model would be
+    compared with them silently, and every score would be meaningless.
+
+    Raises:
+        ConfigError: the index holds precomputed embeddings.
+    """
+    from dedup.pipeline import PRECOMPUTED
+
+    if meta.get("model") == PRECOMPUTED and int(meta.get("embedded") or 0):
+        raise ConfigError(
+            f"the index in {where} holds precomputed embeddings ({meta.get('dim')}-d, e.g. CLIP), not a "
+            "model's that dedup can run on images: they cannot be compared; hint: query an index built "
+            "from images (dedup run IMAGES --out OUT)"
+        )
+
+
 def open_index(path: str | Path) -> TrainingIndex:
     """Open a run's index for search; ``path`` is the run's ``--out`` folder or its ``index/``.
 
@@ -107,6 +125,7 @@ def open_index(path: str | Path) -> TrainingIndex:
             index = read_index(given, columns=_COLUMNS, search=True)
     else:
         index = open_run_index(given, columns=_COLUMNS, search=True)
+    refuse_foreign_vectors(index.meta, index.directory)
     if index.embeddings is None or not index.meta.get("embedded"):
         raise SourceError(
             f"the index in {index.directory} has no embeddings (the run used --model none?); "
@@ -201,6 +220,11 @@ def query(
     embedder = build_embedder(cfg)
     if embedder is None:
         raise SourceError(f"index {idx.path} was built without an embedding model; hint: run again with --model sscd")
+    if int(getattr(embedder, "dim", 0) or 0) and int(embedder.dim) != int(idx.faiss_index.d):
+        raise ConfigError(
+            f"the index in {idx.path} holds {idx.faiss_index.d}-d embeddings, {cfg.model.value} gives "
+            f"{embedder.dim}-d ones: they cannot be compared; hint: query an index built with {cfg.model.value}"
+        )
     max_pixels = idx.config.fingerprint.max_pixels
 
     names: list[str] = []

@@ -31,10 +31,16 @@ def shard_file_name(shard: Shard) -> str:
 
 
 class Markers:
-    """Completion markers: ``<dir>/<shard>.done.json`` with the shard's stamp and stats."""
+    """Completion markers: ``<dir>/<shard>.done.json`` with the shard's stamp and stats.
 
-    def __init__(self, directory: Path) -> None:
+    ``outputs(shard)``, when given, names the files a finished shard has left (its checkpoint):
+    a marker whose files are gone (deleted by hand, a cleaned disk) does not count, and the
+    shard runs again instead of the next stage failing on a missing file.
+    """
+
+    def __init__(self, directory: Path, outputs: Callable[[Shard], Sequence[Path]] | None = None) -> None:
         self.directory = directory
+        self.outputs = outputs
 
     def path(self, shard: Shard) -> Path:
         return self.directory / f"{shard_file_name(shard)}.done.json"
@@ -46,6 +52,8 @@ class Markers:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         if marker.get("stamp") != shard.stamp or marker.get("shard_id") != shard.shard_id:
+            return None
+        if self.outputs is not None and not all(Path(p).is_file() for p in self.outputs(shard)):
             return None
         stats: dict[str, Any] = marker["stats"]
         return stats

@@ -14,8 +14,10 @@ from typing import Any
 import pyarrow as pa
 
 from dedup._types import Shard
+from dedup.manifest import Manifest
 from dedup.report.html import write_report_html
 from dedup.report.stats import build_report
+from dedup.rows import FeatureRows, as_rows
 from dedup.report.thumbs import THUMBS_FILE, cluster_thumbnails, read_thumbnails, rediscover, write_thumbnails
 
 __all__ = ["build_report", "rerender", "write_report_html", "write_report_pages"]
@@ -27,31 +29,39 @@ def write_report_pages(
     report: dict[str, Any],
     out_dir: Path,
     *,
-    manifest: pa.Table,
+    manifest: Manifest,
     shards: Sequence[Shard] | None = None,
-    features: pa.Table | None = None,
+    features: pa.Table | FeatureRows | None = None,
     thumb_size: int = 96,
 ) -> Path:
     """Write ``OUT/thumbnails.parquet`` and ``OUT/report.html``; return the page's path.
 
     ``shards`` are the run's shards (rediscovered from the manifest's ``source`` column when
-    None); ``features`` (with ``sample_id`` and ``sha256``) lets a changed source be noticed,
-    so no thumbnail is shown under another image's caption.
+    None); ``features`` (with ``sample_id``, ``sha256`` and ``has_image``) lets a changed source
+    be noticed, so no thumbnail is shown under another image's caption.
     """
     import pyarrow.compute as pc
 
     wanted = {s["sample_id"] for c in report.get("largest_clusters") or [] for s in c["samples"]}
     sha256: dict[str, bytes | None] | None = None
     if features is not None and wanted and {"sample_id", "sha256", "has_image"} <= set(features.column_names):
-        rows = features.filter(pc.is_in(features.column("sample_id"), pa.array(sorted(wanted), pa.string())))
-        ids = rows.column("sample_id").to_pylist()
-        sha256 = dict(zip(ids, rows.column("sha256").to_pylist(), strict=True))
+        rows = as_rows(features)
+        ids_wanted = pa.array(sorted(wanted), pa.string())
+        # A streaming filter: one row group of three columns in memory at a time.
+        found = [
+            t.filter(pc.is_in(t.column("sample_id"), ids_wanted))
+            for t in rows.batches(["sample_id", "sha256", "has_image"])
+        ]
+        hit = pa.concat_tables(found)
+        ids = hit.column("sample_id").to_pylist()
+        sha256 = dict(zip(ids, hit.column("sha256").to_pylist(), strict=True))
         # Metadata-only samples (LAION parquet without images) have no picture to read back.
-        wanted = {i for i, has in zip(ids, rows.column("has_image").to_pylist(), strict=True) if has}
+        wanted = {i for i, has in zip(ids, hit.column("has_image").to_pylist(), strict=True) if has}
     thumbs: dict[str, bytes] = {}
     if wanted:
         if shards is None:
-            shards = rediscover(pc.unique(manifest.column("source")).to_pylist())
+            sources = pc.unique(manifest.rows.column("source")).to_pylist()
+            shards = rediscover(sources)
         thumbs = cluster_thumbnails(report, shards, size=thumb_size, sha256=sha256, only=wanted)
     write_thumbnails(out_dir / THUMBS_FILE, thumbs)
     write_report_html(report, out_dir / REPORT_HTML, thumbnails=thumbs)

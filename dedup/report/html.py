@@ -238,6 +238,13 @@ def _phrases(report: dict[str, Any]) -> str:
         f"Lift = share of the {_num(sec['duplicate_samples'])} duplicate samples whose caption has the phrase "
         f"&divide; share of all {_num(sec['samples'])} samples."
     )
+    sample = sec.get("sample")
+    if sample:
+        rule += (
+            f" Counted on uniform samples of {_num(sample['duplicate_captions'])} duplicate and "
+            f"{_num(sample['other_captions'])} other captions: support and counts are estimates for the "
+            "whole set, clusters those seen in the sample."
+        )
     phrases = sec.get("phrases", [])
     if not phrases:
         return f'<p>No caption phrase is over-represented in duplicate clusters.</p><p class="note">{rule}</p>'

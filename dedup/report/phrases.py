@@ -18,8 +18,23 @@ yes, ``art of`` no); a phrase is dropped when a longer phrase containing it has 
 counts (it says nothing more). The order is deterministic: lift, then support (both
 descending), then the phrase.
 
-Memory is bounded by the duplicate samples: candidates come from their captions first, and only
-those candidates are counted over the whole set.
+Memory and time are bounded, whatever the size of the run: candidates come from the captions of
+the duplicate samples, and only those candidates are counted among the other samples. On a run
+with more than :data:`MAX_DUPLICATE_CAPTIONS` duplicate samples or :data:`MAX_OTHER_CAPTIONS`
+other ones, each group is a uniform random sample of that size (fixed seed :data:`PHRASE_SEED`,
+so the same run gives the same report), drawn separately — a stratified sample, so:
+
+* P(phrase | duplicates) is estimated from the duplicate sample alone, and
+  ``support = hits in that sample × duplicates / sampled duplicates``;
+* ``count = support + hits among the sampled others × others / sampled others`` — the whole
+  set's count is estimated stratum by stratum, so it is never below ``support`` and lift never
+  exceeds ``samples / duplicate_samples``, as in an exact count;
+* both are unbiased estimates (lift, their ratio, is consistent: its error shrinks like
+  1/sqrt(sample)); ``min_support`` applies to the hits in the sample (stricter than to the
+  estimate), and ``clusters`` counts the clusters seen in the sample (a lower bound).
+
+The section then says so: ``sample`` gives both sample sizes and the seed. Below both limits
+nothing is drawn and every number is an exact count.
 """
 
 from __future__ import annotations
@@ -30,9 +45,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["STOPWORDS", "key_phrases", "phrases_of"]
+__all__ = ["MAX_DUPLICATE_CAPTIONS", "MAX_OTHER_CAPTIONS", "PHRASE_SEED", "STOPWORDS", "key_phrases", "phrase_section", "phrases_of"]
 
 MAX_N = 3
+MAX_DUPLICATE_CAPTIONS = 200_000  # captions of duplicate samples read at most (a uniform sample beyond)
+MAX_OTHER_CAPTIONS = 200_000  # captions of the other samples read at most
+PHRASE_SEED = 8
 
 # English function words, plus the filler of alt texts; a phrase may hold them inside
 # ("print on canvas") but never start or end with one.
@@ -84,52 +102,90 @@ def key_phrases(
     min_clusters: int = 2,
     limit: int = 25,
 ) -> dict[str, Any]:
-    """The phrases over-represented among ``duplicate`` samples (see the module docstring).
+    """The phrases over-represented among ``duplicate`` samples (see the module docstring),
+    counted exactly over every caption given.
 
     ``captions``, ``cluster`` and ``duplicate`` are parallel, one entry per decoded sample.
     Returns the JSON-ready section of ``report.json``: the counting rule, the sizes of both
     groups, and ``phrases`` (each ``phrase, words, support, clusters, count, lift``).
     """
-    n_all = len(captions)
-    dup_rows = [r for r in range(n_all) if duplicate[r]]
+    dup = [r for r in range(len(captions)) if duplicate[r]]
+    others = [captions[r] for r in range(len(captions)) if not duplicate[r]]
+    return phrase_section(
+        [captions[r] for r in dup],
+        [int(cluster[r]) for r in dup],
+        others,
+        duplicate_samples=len(dup),
+        other_samples=len(others),
+        min_support=min_support,
+        min_clusters=min_clusters,
+        limit=limit,
+    )
+
+
+def phrase_section(
+    dup_captions: Sequence[str | None],
+    dup_cluster: Sequence[int],
+    other_captions: Sequence[str | None],
+    *,
+    duplicate_samples: int,
+    other_samples: int,
+    min_support: int = 3,
+    min_clusters: int = 2,
+    limit: int = 25,
+) -> dict[str, Any]:
+    """:func:`key_phrases` from the captions of (a uniform sample of) the ``duplicate_samples``
+    duplicate samples, with their clusters, and of (a uniform sample of) the ``other_samples``
+    others. Exact when both lists are complete; estimated as the module docstring says when not.
+    """
+    n_dup, n_other = duplicate_samples, other_samples
+    n_all = n_dup + n_other
+    k_dup, k_other = len(dup_captions), len(other_captions)
     section: dict[str, Any] = {
         "unit": "sample",
         "max_words": MAX_N,
         "min_support": min_support,
         "min_clusters": min_clusters,
         "samples": n_all,
-        "duplicate_samples": len(dup_rows),
+        "duplicate_samples": n_dup,
         "phrases": [],
     }
-    if not dup_rows:
+    sampled = k_dup < n_dup or k_other < n_other
+    if sampled:
+        section["sample"] = {"duplicate_captions": k_dup, "other_captions": k_other, "seed": PHRASE_SEED}
+    if not k_dup:
         return section
 
-    support: Counter[str] = Counter()
+    hits: Counter[str] = Counter()
     in_clusters: dict[str, set[int]] = {}
-    for r in dup_rows:
-        for p in phrases_of(captions[r]):
-            support[p] += 1
-            in_clusters.setdefault(p, set()).add(int(cluster[r]))
+    for caption, c in zip(dup_captions, dup_cluster, strict=True):
+        for p in phrases_of(caption):
+            hits[p] += 1
+            in_clusters.setdefault(p, set()).add(int(c))
     candidates = {
-        p for p, s in support.items() if s >= min_support and len(in_clusters[p]) >= min_clusters
+        p for p, s in hits.items() if s >= min_support and len(in_clusters[p]) >= min_clusters
     }
     if not candidates:
         return section
-    count: Counter[str] = Counter()
-    for caption in captions:
-        count.update(phrases_of(caption) & candidates)
+    other_hits: Counter[str] = Counter()
+    for caption in other_captions:
+        other_hits.update(phrases_of(caption) & candidates)
+    dup_scale = n_dup / k_dup
+    other_scale = n_other / k_other if k_other else 0.0
 
     rows: list[dict[str, Any]] = []
     for p in candidates:
-        lift = (support[p] / len(dup_rows)) / (count[p] / n_all)
+        support = hits[p] * dup_scale
+        count = support + other_hits[p] * other_scale
+        lift = (hits[p] / k_dup) / (count / n_all)
         if lift > 1.0 + 1e-9:
             rows.append(
                 {
                     "phrase": p,
                     "words": p.count(" ") + 1,
-                    "support": support[p],
+                    "support": round(support) if sampled else hits[p],
                     "clusters": len(in_clusters[p]),
-                    "count": count[p],
+                    "count": round(count) if sampled else hits[p] + other_hits[p],
                     "lift": round(lift, 4),
                 }
             )

@@ -10,16 +10,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dedup import __version__
 from dedup.config import ReportConfig, RunConfig, to_dict
 from dedup.errors import error_kind
-from dedup.report.phrases import key_phrases
+from dedup.manifest import Manifest
+from dedup.report.phrases import MAX_DUPLICATE_CAPTIONS, MAX_OTHER_CAPTIONS, PHRASE_SEED, phrase_section
 from dedup.search import Edges, Signal
 
 
 def build_report(
-    manifest: pa.Table,
+    manifest: Manifest,
     edges: Edges,
     levels: dict[float, tuple[int, int]],
     cfg: RunConfig,
@@ -27,10 +29,12 @@ def build_report(
     shard_stats: dict[str, Any],
     embedding_label: str = "embedding",
 ) -> dict[str, Any]:
-    status = np.asarray(manifest.column("status").to_numpy(zero_copy_only=False))
-    ok = status == "ok"
-    keep = np.asarray(manifest.column("keep").to_numpy(zero_copy_only=False), bool)
-    cluster = np.asarray(manifest.column("cluster_id").fill_null(-1).to_numpy(), np.int64)[ok]
+    """``report.json``'s numbers, from the manifest's per-row arrays (:class:`~dedup.manifest.
+    Manifest`); rows are read back only for the samples the report names or samples."""
+    m = manifest
+    ok = m.ok
+    keep = m.keep
+    cluster = m.labels[ok]
     _, size_of_cluster = np.unique(cluster, return_counts=True)
     # Per sample: how many other samples are copies of it (the paper's "duplicate count").
     dup_count = np.repeat(size_of_cluster - 1, size_of_cluster)
@@ -39,10 +43,14 @@ def build_report(
     dropped = int((ok & ~keep).sum())
     in_dups = dup_count[dup_count > 0]
 
+    # Failures per kind: error_kind once per distinct error text, not once per row.
     errors: dict[str, int] = {}
-    for err in manifest.filter(pa.compute.equal(manifest.column("status"), "failed")).column("error").to_pylist():
-        kind = error_kind(err)
-        errors[kind] = errors.get(kind, 0) + 1
+    failed = np.flatnonzero(~ok)
+    if failed.size:
+        texts = m.rows.take(["error"], failed).column(0)
+        for item in pc.value_counts(texts).to_pylist():
+            kind = error_kind(item["values"])
+            errors[kind] = errors.get(kind, 0) + int(item["counts"])
 
     links = edges.counts_by_signal()
     if "embedding" in links:
@@ -50,7 +58,7 @@ def build_report(
     return {
         "dedup_version": __version__,
         "summary": {
-            "samples": manifest.num_rows,
+            "samples": m.num_rows,
             "ok": n_ok,
             "failed": int((~ok).sum()),
             "clusters": int(size_of_cluster.shape[0]),
@@ -81,8 +89,8 @@ def build_report(
             "phash_distance": cfg.search.phash_distance,
             "exact": cfg.search.exact,
         },
-        "largest_clusters": largest_clusters(manifest, cfg.report),
-        "caption_phrases": caption_phrases(manifest, cfg.report),
+        "largest_clusters": largest_clusters(m, cfg.report),
+        "caption_phrases": caption_phrases(m, cfg.report),
         "shards": shard_stats,
         "config": to_dict(cfg),
         "signals": [s.label for s in Signal],
@@ -101,46 +109,54 @@ def _dist(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def largest_clusters(manifest: pa.Table, cfg: ReportConfig) -> list[dict[str, Any]]:
+def largest_clusters(manifest: Manifest, cfg: ReportConfig) -> list[dict[str, Any]]:
     """The ``cfg.top_clusters`` largest duplicate clusters (ties: lower cluster id first), each
     with up to ``cfg.thumbs_per_cluster`` of its samples (the kept one first, then input order)
     and how many of its links each signal made."""
     if cfg.top_clusters <= 0:
         return []
-    ok = np.asarray(manifest.column("status").to_numpy(zero_copy_only=False) == "ok")
-    cluster = np.asarray(manifest.column("cluster_id").fill_null(-1).to_numpy(), np.int64)
-    size = np.asarray(manifest.column("cluster_size").fill_null(0).to_numpy(), np.int64)
+    m = manifest
+    ok = m.ok
+    cluster = m.labels
+    size = m.size
     rows = np.flatnonzero(ok & (size > 1))
     if rows.size == 0:
         return []
     ids, first = np.unique(cluster[rows], return_index=True)
     order = np.lexsort((ids, -size[rows][first]))[: cfg.top_clusters]
-    chosen = set(ids[order].tolist())
-    keep = np.asarray(manifest.column("keep").to_numpy(zero_copy_only=False), bool)
-    cols = {name: manifest.column(name) for name in ("sample_id", "shard", "url", "caption", "reason", "signal", "similarity")}
+    chosen_ids = ids[order]
+    keep = m.keep
+    member_rows = rows[np.isin(cluster[rows], chosen_ids)]
+    names = m.signal_names().to_pylist()
     members: dict[int, list[int]] = {}
     signals: dict[int, dict[str, int]] = {}
-    for r in rows[np.isin(cluster[rows], list(chosen))].tolist():
+    for r in member_rows.tolist():
         c = int(cluster[r])
         members.setdefault(c, []).append(r)
-        sig = cols["signal"][r].as_py()
-        if sig is not None:
+        code = int(m.link_sig[r])
+        if code >= 0:
+            sig = names[code]
             signals.setdefault(c, {})
             signals[c][sig] = signals[c].get(sig, 0) + 1
+    shown = {c: sorted(rs, key=lambda r: (not keep[r], r))[: max(0, cfg.thumbs_per_cluster)] for c, rs in members.items()}
+    wanted = np.array(sorted(r for rs in shown.values() for r in rs), np.int64)
+    table = m.take(wanted)
+    cols = {name: table.column(name).to_pylist() for name in ("sample_id", "shard", "url", "caption", "reason", "signal", "similarity")}
+    at = {int(r): k for k, r in enumerate(wanted.tolist())}
     out: list[dict[str, Any]] = []
-    for c in ids[order].tolist():
-        rs = sorted(members[c], key=lambda r: (not keep[r], r))[: max(0, cfg.thumbs_per_cluster)]
+    for c in chosen_ids.tolist():
         samples = []
-        for r in rs:
-            sim = cols["similarity"][r].as_py()
+        for r in shown[c]:
+            k = at[r]
+            sim = cols["similarity"][k]
             samples.append(
                 {
-                    "sample_id": cols["sample_id"][r].as_py(),
-                    "shard": cols["shard"][r].as_py(),
-                    "url": cols["url"][r].as_py(),
-                    "caption": cols["caption"][r].as_py(),
-                    "reason": cols["reason"][r].as_py(),
-                    "signal": cols["signal"][r].as_py(),
+                    "sample_id": cols["sample_id"][k],
+                    "shard": cols["shard"][k],
+                    "url": cols["url"][k],
+                    "caption": cols["caption"][k],
+                    "reason": cols["reason"][k],
+                    "signal": cols["signal"][k],
                     "similarity": None if sim is None else round(float(sim), 4),
                 }
             )
@@ -155,18 +171,39 @@ def largest_clusters(manifest: pa.Table, cfg: ReportConfig) -> list[dict[str, An
     return out
 
 
-def caption_phrases(manifest: pa.Table, cfg: ReportConfig) -> dict[str, Any]:
-    """Caption n-grams over-represented in duplicate clusters (see :mod:`dedup.report.phrases`)."""
-    ok = np.asarray(manifest.column("status").to_numpy(zero_copy_only=False) == "ok")
-    rows = np.flatnonzero(ok)
-    captions = manifest.column("caption").take(pa.array(rows)).to_pylist()
-    cluster = np.asarray(manifest.column("cluster_id").fill_null(-1).to_numpy(), np.int64)[rows]
-    size = np.asarray(manifest.column("cluster_size").fill_null(0).to_numpy(), np.int64)[rows]
-    return key_phrases(
-        captions,
-        cluster.tolist(),
-        (size > 1).tolist(),
+def caption_phrases(manifest: Manifest, cfg: ReportConfig) -> dict[str, Any]:
+    """Caption n-grams over-represented in duplicate clusters (see :mod:`dedup.report.phrases`).
+
+    Reads the captions of at most :data:`~dedup.report.phrases.MAX_DUPLICATE_CAPTIONS`
+    duplicate samples and :data:`~dedup.report.phrases.MAX_OTHER_CAPTIONS` other ones, drawn
+    uniformly (fixed seed) when there are more: memory and time do not grow with the run.
+    """
+    m = manifest
+    ok = m.ok
+    dup = ok & (m.size > 1)
+    dup_rows = np.flatnonzero(dup)
+    other_rows = np.flatnonzero(ok & ~dup)
+    rng = np.random.default_rng(PHRASE_SEED)
+    dup_pick = _draw(dup_rows, MAX_DUPLICATE_CAPTIONS, rng)
+    other_pick = _draw(other_rows, MAX_OTHER_CAPTIONS, rng)
+    # One read of the rows drawn, in row order (the order the counts are made in).
+    both = np.union1d(dup_pick, other_pick)
+    captions = m.rows.take(["caption"], both).column(0).to_pylist()
+    is_dup = dup[both]
+    return phrase_section(
+        [c for c, d in zip(captions, is_dup.tolist(), strict=True) if d],
+        m.labels[both][is_dup].tolist(),
+        [c for c, d in zip(captions, is_dup.tolist(), strict=True) if not d],
+        duplicate_samples=int(dup_rows.size),
+        other_samples=int(other_rows.size),
         min_support=cfg.phrase_min_support,
         min_clusters=cfg.phrase_min_clusters,
         limit=cfg.phrases,
     )
+
+
+def _draw(rows: np.ndarray, most: int, rng: np.random.Generator) -> np.ndarray:
+    """All of ``rows`` or, when there are more than ``most``, a uniform sample of them (sorted)."""
+    if rows.size <= most:
+        return rows
+    return np.sort(rng.choice(rows, size=most, replace=False))

@@ -1,0 +1,168 @@
+"""The feature rows of a run, read a column or a row group at a time.
+
+The global stage (search, cluster, select, outputs) needs every row, but never every column of
+every row at once: the search needs a few flags, the keep policy sizes, the manifest its sample
+columns one row group at a time. :class:`FeatureRows` gives that access over either an
+in-memory table (``index add``, ``check``) or the per-shard checkpoint files of a run, which
+then stay on disk: the features table (~320 bytes a row for precomputed embeddings, hash
+columns included) is never held whole.
+
+Every writer of a per-row output takes its rows from :meth:`FeatureRows.batches`: consecutive
+slices of exactly ``ROW_GROUP_ROWS`` rows (the last one shorter), one chunk per column. Parquet
+pages follow chunk boundaries, so the bytes written depend on the rows alone, not on where
+they were read from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+__all__ = ["ROW_GROUP_ROWS", "FeatureRows", "as_rows", "rechunk"]
+
+ROW_GROUP_ROWS = 1 << 20  # pyarrow's default row group; the manifest's row group
+
+
+def rechunk(tables: Iterable[pa.Table], size: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
+    """Consecutive slices of exactly ``size`` rows of the concatenated ``tables`` (the last one
+    shorter), each column in one chunk. Memory holds about one slice."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        if table.num_rows == 0:
+            continue
+        pending.append(table)
+        held += table.num_rows
+        while held >= size:
+            merged = pa.concat_tables(pending).combine_chunks()
+            pending = [merged.slice(size)] if merged.num_rows > size else []
+            held = merged.num_rows - size
+            yield merged.slice(0, size).combine_chunks()
+            del merged
+    if held:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+class FeatureRows:
+    """Rows of :data:`dedup.featurize.SCHEMA` in index order, from tables and/or parquet files.
+
+    ``parts`` are in-memory tables or paths of parquet files (a run's per-shard checkpoints),
+    read with ``schema`` (columns cast to it). Files are opened only when a column or a row
+    group is asked for, and only the columns asked for are read.
+    """
+
+    def __init__(self, parts: Sequence[pa.Table | Path], schema: pa.Schema) -> None:
+        self.schema = schema
+        self.parts: list[pa.Table | Path] = []
+        counts: list[int] = []
+        for part in parts:
+            if isinstance(part, pa.Table):
+                n = part.num_rows
+            else:
+                n = pq.ParquetFile(part).metadata.num_rows
+            if n:
+                self.parts.append(part)
+                counts.append(n)
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def _read(self, part: pa.Table | Path, columns: Sequence[str]) -> pa.Table:
+        if isinstance(part, pa.Table):
+            return part.select(list(columns))
+        schema = pa.schema([self.schema.field(c) for c in columns])
+        return pq.read_table(part, columns=list(columns), schema=self.schema).select(list(columns)).cast(schema)
+
+    def tables(self, columns: Sequence[str]) -> Iterator[pa.Table]:
+        """Each part's ``columns``, in order (one part in memory at a time)."""
+        for part in self.parts:
+            yield self._read(part, columns)
+
+    def batches(self, columns: Sequence[str] | None = None, size: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
+        """``columns`` (default: all) as consecutive slices of ``size`` rows; see :func:`rechunk`."""
+        cols = list(self.schema.names if columns is None else columns)
+        if self.num_rows == 0:
+            yield pa.schema([self.schema.field(c) for c in cols]).empty_table()
+            return
+        yield from rechunk(self.tables(cols), size)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One whole column (one chunk per part)."""
+        chunks = [t.column(0).combine_chunks() for t in self.tables([name])]
+        return pa.chunked_array(chunks, type=self.schema.field(name).type)
+
+    def flags(self, name: str) -> np.ndarray:
+        """A boolean column as a numpy array (nulls are False)."""
+        out = np.zeros(self.num_rows, bool)
+        for k, t in enumerate(self.tables([name])):
+            a = t.column(0).fill_null(False).to_numpy()
+            out[self.offsets[k] : self.offsets[k + 1]] = a
+        return out
+
+    def equals(self, name: str, value: str) -> np.ndarray:
+        """``column == value`` as a numpy array (nulls are False), with no Python objects per row."""
+        out = np.zeros(self.num_rows, bool)
+        for k, t in enumerate(self.tables([name])):
+            a = pc.equal(t.column(0), pa.scalar(value, t.column(0).type)).fill_null(False).to_numpy()
+            out[self.offsets[k] : self.offsets[k + 1]] = a
+        return out
+
+    def numbers(self, name: str, dtype: type = np.float64) -> np.ndarray:
+        """A numeric column as a numpy array (nulls are NaN for floats)."""
+        out = np.empty(self.num_rows, dtype)
+        for k, t in enumerate(self.tables([name])):
+            out[self.offsets[k] : self.offsets[k + 1]] = np.asarray(t.column(0).to_numpy(zero_copy_only=False), dtype)
+        return out
+
+    def null_count(self, name: str) -> int:
+        """Nulls in a column, from the files' statistics where they have them."""
+        total = 0
+        for part in self.parts:
+            if isinstance(part, pa.Table):
+                total += part.column(name).null_count
+                continue
+            meta = pq.ParquetFile(part).metadata
+            index = meta.schema.names.index(name) if name in meta.schema.names else -1
+            stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)] if index >= 0 else []
+            if index >= 0 and all(s is not None and s.has_null_count for s in stats):
+                total += sum(s.null_count for s in stats)
+            else:
+                total += self._read(part, [name]).column(0).null_count
+        return total
+
+    def take(self, columns: Sequence[str], rows: np.ndarray) -> pa.Table:
+        """``columns`` of ``rows`` (sorted global row numbers), reading only the parts that hold them."""
+        rows = np.asarray(rows, np.int64)
+        cols = list(columns)
+        if rows.size and np.any(rows[1:] < rows[:-1]):
+            raise ValueError("rows must be sorted")
+        pieces: list[pa.Table] = []
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        for k in np.unique(which):
+            sel = rows[which == k] - self.offsets[k]
+            pieces.append(self._read(self.parts[int(k)], cols).take(pa.array(sel)))
+        if not pieces:
+            return pa.schema([self.schema.field(c) for c in cols]).empty_table()
+        return pa.concat_tables(pieces).combine_chunks()
+
+    def to_table(self) -> pa.Table:
+        """Every row and column in memory (small inputs only)."""
+        return pa.concat_tables(list(self.batches())).combine_chunks()
+
+
+def as_rows(table: pa.Table | FeatureRows) -> FeatureRows:
+    """``table`` as :class:`FeatureRows` (unchanged when it is one already)."""
+    if isinstance(table, FeatureRows):
+        return table
+    return FeatureRows([table.combine_chunks()], table.schema)
