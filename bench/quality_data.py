@@ -25,7 +25,7 @@ Construction
   (sky, bokeh) by a detail statistic. A few photographs are held back as mock-up backgrounds
   only (:data:`BACKGROUND_FILES`), together with wall textures from ``gnome-backgrounds``, so
   that no background is itself an original.
-* **Copies.** Heavy-tailed like LAION: ~70% of originals have none, most others 1-3, ~3% 4-10
+* **Copies.** Heavy-tailed like LAION: ~67% of originals have none, most others 1-3, ~3% 4-10
   and ~0.5% (at least two) 20-50. Each copy is one edit of the original's published file
   (decoded): exact (byte copy or pixel-identical re-encode), resize, jpeg, crop, pad, text,
   watermark, color, grayscale, flip, rotate90, rotate, combo (2-3 chained) and partial (the
@@ -759,6 +759,21 @@ def _photo_candidates(args: tuple[str, int, int]) -> list[dict[str, Any]]:
     return out
 
 
+def _distinct_cached(paths: Sequence[Path], n: int, seed: int, cache: Path) -> list[Path]:
+    """:func:`realdata.distinct_originals`, remembered in ``cache`` (it is the slowest step)."""
+    key = _h("distinct", n, seed, len(paths), *(realdata.clipart_name(p) for p in paths))[:20]
+    f = cache / f"distinct-{key}.json"
+    by_name = {realdata.clipart_name(p): p for p in paths}
+    if f.exists():
+        names = json.loads(f.read_text())
+        if all(nm in by_name for nm in names):
+            return [by_name[nm] for nm in names]
+    picked = realdata.distinct_originals(paths, n, seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps([realdata.clipart_name(p) for p in picked]))
+    return picked
+
+
 def _thumb16(img: Image.Image) -> tuple[np.ndarray, float] | None:
     """Like realdata's test thumbnails: 16x16 grey of the ink bounding box, and blank fraction."""
     grey = img.convert("L")
@@ -807,10 +822,10 @@ def _std16(t: np.ndarray) -> np.ndarray:
 
 
 def _copy_counts(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Heavy-tailed: ~70% none, 1-3 for most others, ~3% 4-10, ~0.5% (>= 2) 20-50."""
+    """Heavy-tailed: ~67% none, 1-3 for most others, ~3% 4-10, ~0.5% (>= 2) 20-50."""
     u = rng.random(n)
     counts = np.zeros(n, dtype=np.int64)
-    counts[(u >= 0.70) & (u < 0.85)] = 1
+    counts[(u >= 0.67) & (u < 0.85)] = 1
     counts[(u >= 0.85) & (u < 0.93)] = 2
     counts[(u >= 0.93) & (u < 0.965)] = 3
     mid = u >= 0.965
@@ -922,7 +937,7 @@ def build(
     # ---- clip art
     clip_paths = realdata.fetch_openclipart(clipart_cache) if clipart_cache is not None else realdata.fetch_openclipart()
     n_extra = max(8, round(0.04 * (n_clip + n_photo)))
-    picked = realdata.distinct_originals(clip_paths, n_clip + n_extra, seed)
+    picked = _distinct_cached(clip_paths, n_clip + n_extra, seed, pcache / "cache")
     log(f"distinct_originals: {len(picked)} drawings")
     loaded = _map(_clipart_job, [(str(p), seed, i < n_clip) for i, p in enumerate(picked)], workers, chunksize=16)
     clips = [c for c in loaded[:n_clip] if c is not None]
