@@ -25,6 +25,9 @@ Construction
   (sky, bokeh) by a detail statistic. A few photographs are held back as mock-up backgrounds
   only (:data:`BACKGROUND_FILES`), together with wall textures from ``gnome-backgrounds``, so
   that no background is itself an original.
+  Looked at and not used: ``ukui-wallpapers`` and ``gnome-backgrounds`` 43 (renders and
+  gradients only; three GNOME textures serve as walls), ``sway-backgrounds`` (renders). A
+  package apt cannot get is skipped with a warning and listed in ``meta.json``.
 * **Copies.** Heavy-tailed like LAION: ~67% of originals have none, most others 1-3, ~3% 4-10
   and ~0.5% (at least two) 20-50. Each copy is one edit of the original's published file
   (decoded): exact (byte copy or pixel-identical re-encode), resize, jpeg, crop, pad, text,
@@ -32,19 +35,21 @@ Construction
   original framed in a larger mock-up scene: wall or blurred-photo background, frame, mat,
   drop shadow, optional perspective warp; 20-60% of the scene). Shares: :data:`EDIT_SHARES`.
 * **Hard negatives** (different images that look alike; ``lookalike_of`` = the group they
-  resemble): (a) adjacent crops of one wallpaper, (b) openclipart drawings of the same family
+  resemble): (a) adjacent crops of one wallpaper (every crop is one; ``lookalike_of`` is set
+  on ~30% of the photo originals, pointing at the right or lower neighbour), (b) openclipart drawings of the same family
   that pass ``distinct_originals``' distinctness tests against every original, (c) mock-up scenes
   sharing a template (background + frame + placement) but holding different pictures -- both the
   partial copies of different groups that share a template and extra scenes built around
   drawings that are not otherwise in the set, (d) one photo background with different large
-  drawings pasted on it. Their ``edit_detail`` starts with ``hardneg`` for the extra originals.
+  drawings pasted on it (``source`` photo). The extra originals made for (b)-(d) have no copies
+  and an ``edit_detail`` starting with ``hardneg``.
 
 Everything is seeded: the same seed (and the same packages, Pillow and libjpeg/libwebp) gives
 byte-identical files and labels.
 
 Licences: openclipart is public domain. The photographs are under the licences stated per file in
 each package's ``copyright`` file (GPL-2+ for the MATE and Plasma wallpapers, CC-BY-4.0 /
-CC-BY-SA-3.0 / CC-BY-SA-4.0 / CC0 for the Lomiri ones, CC-BY-SA-3.0 for the GNOME textures);
+CC-BY-SA-3.0 / CC-BY-SA-4.0 / CC0 for the Lomiri ones, GPL-2+ for the GNOME textures);
 ``meta.json`` lists each one used with its author and licence. The data are for local
 benchmarking and are never committed (``bench/data/`` is git-ignored).
 """
@@ -692,8 +697,17 @@ def _copyright_notes(root: Path, package: str) -> list[tuple[list[str], str, str
     return out
 
 
-def _licence_of(notes: list[tuple[list[str], str, str]], file: Path) -> tuple[str, str]:
-    best = ("", "unknown (see package copyright)")
+# Packages whose copyright file is not machine-readable: what it says for the files used here.
+_FALLBACK_LICENCE = {
+    "gnome-backgrounds": (
+        "GNOME backgrounds authors (Jakub Steiner et al.)",
+        "GPL-2+ (the package licence: these textures are not among the files it lists as CC-BY-SA)",
+    ),
+}
+
+
+def _licence_of(notes: list[tuple[list[str], str, str]], file: Path, package: str = "") -> tuple[str, str]:
+    best = _FALLBACK_LICENCE.get(package, ("", "unknown (see the package's copyright file)"))
     for globs, cr, lic in notes:
         for g in globs:
             if g.startswith("debian/"):
@@ -878,7 +892,7 @@ def _map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, chunksize
 
 
 def _params(n_clip: int, n_photo: int, seed: int) -> dict[str, Any]:
-    return {"n_clip": n_clip, "n_photo": n_photo, "seed": seed, "version": 1}
+    return {"n_clip": n_clip, "n_photo": n_photo, "seed": seed, "version": 2}
 
 
 def build(
@@ -923,7 +937,7 @@ def build(
         for role, table, sink in (("original", PHOTO_FILES, photo_paths), ("background", BACKGROUND_FILES, bg_paths)):
             for f in _resolve(root, table.get(pkg, [])):
                 sink.append(f)
-                cr, lic = _licence_of(notes, f)
+                cr, lic = _licence_of(notes, f, pkg)
                 licences.append({"package": pkg, "file": str(f.relative_to(root)), "role": role, "copyright": cr, "license": lic})
     log(f"photo packages: {', '.join(f'{k} {v}' for k, v in packages.items())}" + (f"; missing: {missing}" if missing else ""))
     cand_lists = _map(_photo_candidates, [(str(p), i, seed) for i, p in enumerate(photo_paths)], workers, chunksize=1)
