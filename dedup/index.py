@@ -591,7 +591,7 @@ def add(
     if plan.new:  # the expensive part, outside the lock: checkpoints only, no index file touched
         pipeline.featurize(plan.new, work_dir, speed, executor=executor, progress=prog)
     with index_lock(directory, exclusive=True):
-        index = read_index(directory, columns=None, vectors=True)
+        index = read_index(directory, columns=None)  # vectors: memory-mapped by merge, a block at a time
         if index.config != cfg:
             raise IndexConflictError(
                 f"the index in {directory} was rebuilt with other settings while this add ran; "
@@ -606,21 +606,40 @@ def add(
         if not plan.new:
             return AddResult(out_dir, 0, 0, len(plan.known), None)
         new_table, new_vectors, per_shard = pipeline.featurize(plan.new, work_dir, speed, executor=executor, progress=prog)
-        table, vectors, catalog = merge(index, plan, new_table, new_vectors, per_shard)
         from dedup.config import save_config
         from dedup.executors.base import merge_stats
+        from dedup.featurize import FeatureStep
 
-        save_config(cfg, out_dir / "config.json")
-        result = pipeline.finish(
-            table,
-            vectors,
-            out_dir,
-            cfg,
-            shard_stats=merge_stats([e.stats for e in catalog.shards]),
-            progress=prog,
-            shards=[e.shard for e in catalog.shards],
-            catalog=catalog,
-        )
+        # The index's embeddings are read through a hard link (write_index replaces the file
+        # they are read from); the new shards' from their checkpoints: nothing is concatenated.
+        pinned = work_dir / f"index-{EMBEDDINGS}"
+        pinned.unlink(missing_ok=True)
+        try:
+            os.link(directory / EMBEDDINGS, pinned)
+        except OSError:  # no hard links there: read them into memory, as small indexes are anyway
+            pinned = None  # type: ignore[assignment]
+            index = read_index(directory, columns=None, vectors=True)
+        step = FeatureStep(config=speed, out_dir=work_dir / "shards")
+        try:
+            table, vectors, catalog = merge(
+                index, plan, new_table, new_vectors, per_shard,
+                stored=pinned, new_paths={s.shard_id: step.paths(s)[1] for s in plan.new},
+                in_memory_below=cfg.search.partition_above,
+            )  # fmt: skip
+            save_config(cfg, out_dir / "config.json")
+            result = pipeline.finish(
+                table,
+                vectors,
+                out_dir,
+                cfg,
+                shard_stats=merge_stats([e.stats for e in catalog.shards]),
+                progress=prog,
+                shards=[e.shard for e in catalog.shards],
+                catalog=catalog,
+            )
+        finally:
+            if pinned is not None:
+                pinned.unlink(missing_ok=True)
     return AddResult(out_dir, len(plan.new), new_table.num_rows, len(plan.known), result)
 
 
@@ -630,9 +649,21 @@ def merge(
     new_table: pa.Table,
     new_vectors: np.ndarray,
     per_shard: dict[str, dict[str, Any]],
+    *,
+    stored: Path | None = None,
+    new_paths: dict[str, Path] | None = None,
+    in_memory_below: int | None = None,
 ) -> tuple[pa.Table, np.ndarray, Catalog]:
-    """The index's rows plus the new shards' rows, in index order (what a run would read)."""
+    """The index's rows plus the new shards' rows, in index order (what a run would read).
+
+    Vectors: with ``stored`` (the index's embeddings.npy, or a link to it) and ``new_paths``
+    (each new shard's checkpoint ``.npy``), a :class:`~dedup.partition.VectorFiles` over pieces
+    of those files in index order, read a block at a time (materialised when there are at most
+    ``in_memory_below`` of them, as a run does); otherwise ``index.vectors`` and ``new_vectors``
+    concatenated in memory.
+    """
     from dedup.featurize import SCHEMA
+    from dedup.partition import VectorFiles
 
     old = index.samples.select(SCHEMA.names).cast(SCHEMA)
     entries = list(index.catalog.shards)
@@ -642,14 +673,21 @@ def merge(
             dataclasses.replace(e, shard=dataclasses.replace(e.shard, shard_id="s0/" + e.shard.shard_id))
             for e in entries
         ]
-    vectors = index.vectors if index.vectors is not None else np.zeros((0, 0), np.float32)
-    pieces: list[tuple[tuple[int, str], IndexedShard, pa.Table, np.ndarray]] = []
+    streamed = stored is not None and new_paths is not None
+    if streamed:
+        vectors: Any = None
+        total = int(index.meta.get("embedded") or 0)
+    else:
+        vectors = index.vectors if index.vectors is not None else np.zeros((0, 0), np.float32)
+        total = int(vectors.shape[0])
+    pieces: list[tuple[tuple[int, str], IndexedShard, pa.Table, Any]] = []
     row = emb = 0
     for e in entries:
-        pieces.append(((e.source_index, e.shard.shard_id), e, old.slice(row, e.rows), vectors[emb : emb + e.embedded]))
+        part = (stored, emb, emb + e.embedded) if streamed else vectors[emb : emb + e.embedded]
+        pieces.append(((e.source_index, e.shard.shard_id), e, old.slice(row, e.rows), part))
         row += e.rows
         emb += e.embedded
-    if row != old.num_rows or emb != vectors.shape[0]:
+    if row != old.num_rows or emb != total:
         raise IndexUnreadableError(
             f"the index in {index.directory} is inconsistent (shards.parquet does not account for "
             "every sample); hint: rebuild it with `dedup run`"
@@ -659,14 +697,21 @@ def merge(
     for shard in plan.new:
         n, k = rows.get(shard.shard_id, 0), embedded.get(shard.shard_id, 0)
         entry = IndexedShard(shard, plan.source_of[shard.shard_id], n, k, per_shard.get(shard.shard_id, {}))
-        pieces.append(((entry.source_index, shard.shard_id), entry, new_table.slice(row, n), new_vectors[emb : emb + k]))
+        part = (new_paths[shard.shard_id], 0, k) if streamed else new_vectors[emb : emb + k]  # type: ignore[index]
+        pieces.append(((entry.source_index, shard.shard_id), entry, new_table.slice(row, n), part))
         row += n
         emb += k
     pieces.sort(key=lambda p: p[0])
     table = pa.concat_tables([p[2] for p in pieces]) if pieces else SCHEMA.empty_table()
+    catalog = Catalog(plan.sources, tuple(p[1] for p in pieces))
+    if streamed:
+        files = VectorFiles([p[3] for p in pieces if p[3][2] > p[3][1]])
+        if in_memory_below is not None and len(files) > in_memory_below:
+            return table, files, catalog  # type: ignore[return-value]  # array-like; see VectorFiles
+        return table, (np.asarray(files) if len(files) else np.zeros((0, 0), np.float32)), catalog
     parts = [p[3] for p in pieces if p[3].ndim == 2 and p[3].shape[0]]
     all_vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return table, all_vectors, Catalog(plan.sources, tuple(p[1] for p in pieces))
+    return table, all_vectors, catalog
 
 
 def _prefixed(table: pa.Table, prefix: str) -> pa.Table:

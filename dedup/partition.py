@@ -85,17 +85,27 @@ class VectorFiles:
     materialises everything: fine for small inputs, and what consumers that need one array get.
     """
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Path | tuple[Path, int, int]]) -> None:
+        # Each item: a whole file, or ``(path, start, stop)``: rows start..stop-1 of one file
+        # (``index add`` reads the index's embeddings.npy in pieces between new shards' files).
         self.paths: list[Path] = []
+        self.starts: list[int] = []
+        self.dtypes: list[np.dtype[Any]] = []
         counts: list[int] = []
         dims: set[int] = set()
         dtypes: set[np.dtype[Any]] = set()
-        for path in paths:
-            shape, dtype = _npy_shape(Path(path))
+        for item in paths:
+            path, start, stop = (Path(item[0]), int(item[1]), int(item[2])) if isinstance(item, tuple) else (Path(item), 0, -1)
+            shape, dtype = _npy_shape(path)
             if len(shape) != 2 or shape[0] == 0:
                 continue
-            self.paths.append(Path(path))
-            counts.append(int(shape[0]))
+            stop = int(shape[0]) if stop < 0 else min(stop, int(shape[0]))
+            if stop <= start:
+                continue
+            self.paths.append(path)
+            self.dtypes.append(np.dtype(dtype))
+            self.starts.append(start)
+            counts.append(stop - start)
             dims.add(int(shape[1]))
             dtypes.add(dtype)
         if len(dims) > 1:
@@ -125,12 +135,21 @@ class VectorFiles:
         for f, path in enumerate(self.paths):
             base = int(self.offsets[f])
             count = int(self.offsets[f + 1]) - base
+            first = self.starts[f]
             for start in range(0, count, block_rows):
                 stop = min(count, start + block_rows)
                 mm = np.load(path, mmap_mode="r")
-                block = np.array(mm[start:stop], dtype=self.storage_dtype)
+                block = self._stored(mm[first + start : first + stop], f)
                 del mm
                 yield base + start, block
+
+    def _stored(self, raw: np.ndarray, f: int) -> np.ndarray:
+        """Rows of file ``f`` in the storage dtype. A float16 file among float32 ones is
+        widened through :func:`unit32` (renormalised, as when it is read alone), since float32
+        rows are taken as stored: the same stored bytes give the same vectors either way."""
+        if self.dtypes[f] != self.storage_dtype and self.storage_dtype == np.float32:
+            return unit32(np.asarray(raw))
+        return np.array(raw, dtype=self.storage_dtype)
 
     def blocks(self, block_rows: int = _BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, float32 unit rows)`` blocks, in order."""
@@ -149,7 +168,7 @@ class VectorFiles:
         for f in np.unique(which):
             sel = np.flatnonzero(which == f)
             mm = np.load(self.paths[int(f)], mmap_mode="r")
-            out[sel] = mm[rows[sel] - self.offsets[f]]
+            out[sel] = self._stored(mm[rows[sel] - self.offsets[f] + self.starts[int(f)]], int(f))
             del mm
         return out
 

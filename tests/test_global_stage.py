@@ -269,3 +269,19 @@ def test_two_runs_into_one_folder_are_locked_against_each_other(tmp_path: Path) 
     run([str(src)], out, config=RunConfig().with_overrides({"search.threshold": 0.95}))  # free again
     assert (out / "manifest.parquet").is_file()
     shutil.rmtree(out / ".work")
+
+
+def test_index_add_reads_the_stored_vectors_in_pieces_and_equals_the_full_run(tmp_path: Path) -> None:
+    from dedup.index import add
+
+    cfg = RunConfig().with_overrides({"search.threshold": 0.95, "search.partition_above": 100})
+    a = _clip_dir(tmp_path / "a", n=300, seed=1)
+    b = _clip_dir(tmp_path / "b", n=200, seed=2)
+    run([str(a), str(b)], tmp_path / "full", config=cfg)
+    inc = tmp_path / "inc"
+    run([str(a)], inc, config=cfg)
+    result = add([str(b)], inc)
+    assert result.added_shards == 2 and result.result is not None
+    for name in ("manifest.parquet", "keep.parquet", "report.json", "index/samples.parquet", "index/embeddings.npy"):
+        assert (inc / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert not list(inc.glob(".work/*/index-embeddings.npy"))  # the pinned link is gone
