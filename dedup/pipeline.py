@@ -373,15 +373,20 @@ def _index_model(shard_stats: dict[str, Any], vectors: np.ndarray, cfg: RunConfi
 
 class PhaseLog:
     """Per global phase: wall time and peak resident memory, to stderr when ``DEDUP_PHASES`` is
-    set (bench/scale.py sets it): where the time and memory of a run go. The peak is sampled
-    (every 50 ms, by a thread that only reads /proc/self/statm), so it may miss a spike shorter
-    than that; the process's own peak (``ru_maxrss``) is printed too."""
+    set (bench/scale.py sets it): where the time and memory of a run go.
+
+    The peak is the kernel's high-water mark (``VmHWM``), reset after each phase through
+    ``/proc/self/clear_refs``, so each line gives that phase's own peak; the run's peak is the
+    largest of them. (``ru_maxrss`` as a parent sees it is no substitute: Linux starts a child's
+    at the RSS its parent had when it forked.) Where the reset is refused, the peak is sampled
+    every 50 ms instead, and may miss a shorter spike."""
 
     def __init__(self) -> None:
         self.on = bool(os.environ.get("DEDUP_PHASES"))
         self.start = time.perf_counter()
         self.peak = 0.0
-        if self.on:
+        self.exact = self.on and _reset_hwm()
+        if self.on and not self.exact:
             import threading
 
             self._stop = threading.Event()
@@ -396,18 +401,37 @@ class PhaseLog:
             return
         now = time.perf_counter()
         rss = _rss_gib()
-        peak = max(self.peak, rss)
-        total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
-        print(
-            f"[phase] {phase}: {now - self.start:.1f} s, peak RSS {peak:.2f} GiB (process so far {total:.2f} GiB)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.exact:
+            peak = _status_gib("VmHWM")
+            self.exact = _reset_hwm()
+        else:
+            peak = max(self.peak, rss)
+        print(f"[phase] {phase}: {now - self.start:.1f} s, peak RSS {peak:.2f} GiB, at the end {rss:.2f} GiB", file=sys.stderr, flush=True)
         self.start, self.peak = now, rss
 
     def close(self) -> None:
-        if self.on:
+        if self.on and not self.exact and hasattr(self, "_stop"):
             self._stop.set()
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_gib(field: str) -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / (1 << 20)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("nan")
 
 
 def _rss_gib() -> float:

@@ -30,7 +30,8 @@ ROW_GROUP_ROWS = 1 << 20  # pyarrow's default row group; the manifest's row grou
 
 def rechunk(tables: Iterable[pa.Table], size: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
     """Consecutive slices of exactly ``size`` rows of the concatenated ``tables`` (the last one
-    shorter), each column in one chunk. Memory holds about one slice."""
+    shorter), each column in one chunk. Memory holds the tables a slice spans plus the slice:
+    a slice's rows are copied once, the rest stays a view of the tables read."""
     pending: list[pa.Table] = []
     held = 0
     for table in tables:
@@ -39,13 +40,47 @@ def rechunk(tables: Iterable[pa.Table], size: int = ROW_GROUP_ROWS) -> Iterator[
         pending.append(table)
         held += table.num_rows
         while held >= size:
-            merged = pa.concat_tables(pending).combine_chunks()
-            pending = [merged.slice(size)] if merged.num_rows > size else []
-            held = merged.num_rows - size
-            yield merged.slice(0, size).combine_chunks()
-            del merged
+            head: list[pa.Table] = []
+            need = size
+            while need:
+                first = pending[0]
+                if first.num_rows <= need:
+                    head.append(pending.pop(0))
+                    need -= first.num_rows
+                else:
+                    head.append(first.slice(0, need))
+                    pending[0] = first.slice(need)
+                    need = 0
+            held -= size
+            yield _combine(head)
     if held:
-        yield pa.concat_tables(pending).combine_chunks()
+        yield _combine(pending)
+
+
+def _combine(tables: Sequence[pa.Table]) -> pa.Table:
+    """One table of one chunk per column; a column null throughout stays lazily zeroed."""
+    first = tables[0]
+    n = sum(t.num_rows for t in tables)
+    columns = []
+    for k, field in enumerate(first.schema):
+        parts = [t.column(k) for t in tables]
+        if all(p.null_count == len(p) for p in parts):
+            columns.append(null_array(field.type, n))
+        else:
+            columns.append(pa.chunked_array([c for p in parts for c in p.chunks], type=field.type).combine_chunks())
+    return pa.Table.from_arrays(columns, schema=first.schema)
+
+
+def null_array(kind: pa.DataType, n: int) -> pa.Array:
+    """``n`` nulls of ``kind``. Fixed-width types get their value buffer from ``np.zeros``,
+    which the kernel maps lazily: a column of empty 32- or 224-byte hashes costs no memory
+    until written to (pa.nulls would fill it)."""
+    width = getattr(kind, "byte_width", None) if pa.types.is_fixed_size_binary(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind) else None
+    if not width or n == 0:
+        return pa.nulls(n, kind)
+    validity = pa.py_buffer(np.zeros((n + 7) // 8, np.uint8))
+    values = pa.py_buffer(np.zeros(n * width, np.uint8))
+    return pa.Array.from_buffers(kind, n, [validity, values], null_count=n)
 
 
 class FeatureRows:
@@ -82,7 +117,30 @@ class FeatureRows:
         if isinstance(part, pa.Table):
             return part.select(list(columns))
         schema = pa.schema([self.schema.field(c) for c in columns])
-        return pq.read_table(part, columns=list(columns), schema=self.schema).select(list(columns)).cast(schema)
+        # Columns the file's statistics say are all null (hashes of precomputed embeddings)
+        # are not read: lazily zeroed nulls stand in (see null_array).
+        n, empty = self._empty_columns(part)
+        wanted = [c for c in columns if c not in empty]
+        read = pq.read_table(part, columns=wanted, schema=self.schema).select(wanted) if wanted else None
+        arrays = [
+            null_array(schema.field(c).type, n) if c in empty else read.column(c).cast(schema.field(c).type)  # type: ignore[union-attr]
+            for c in columns
+        ]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def _empty_columns(self, path: Path) -> tuple[int, set[str]]:
+        """Rows of a file and the columns its statistics say are null in every row."""
+        meta = pq.ParquetFile(path).metadata
+        n = meta.num_rows
+        empty: set[str] = set()
+        for index, name in enumerate(meta.schema.names):
+            if name not in self.schema.names:
+                continue
+            stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)]
+            if all(st is not None and st.has_null_count for st in stats) and sum(st.null_count for st in stats) == n:
+                empty.add(name)
+        missing = set(self.schema.names) - set(meta.schema.names)  # a column the file predates
+        return n, empty | missing
 
     def tables(self, columns: Sequence[str]) -> Iterator[pa.Table]:
         """Each part's ``columns``, in order (one part in memory at a time)."""
