@@ -34,7 +34,10 @@ Methods (``--method``, repeatable; default: every available one):
                            cutoff common in imagehash usage, and dedup's aggressive preset's.
 ``imagededup:H[=D]``       imagededup's hashing methods, H in phash, dhash, whash, ahash,
                            ``find_duplicates(max_distance_threshold=D)`` (default 10, its own),
-                           duplicate lists united. imagededup needs torch, which never goes into
+                           duplicate lists united (its lists are not transitive: at a loose
+                           distance uniting them chains most images into one cluster, as
+                           dedup, immaculate and the imagehash method here do by design).
+                           imagededup needs torch, which never goes into
                            the main venv: it runs under ``--imagededup-python`` (default
                            ``.venv-torch/bin/python``, see ``make test-torch``; then
                            ``.venv-torch/bin/pip install imagededup``), and is skipped with the
@@ -667,22 +670,25 @@ def markdown_tables(outcomes: Sequence[Outcome], edits: Sequence[str], edit_tota
     """The two tables: scores per method, and recall per edit."""
     head = (
         "| method | precision | recall | F1 | partial recall | hard-neg merges | dup-count TV "
-        "| mean copies (true → pred) | img/s | peak MiB |"
+        "| mean copies (true → pred) | img/s | CPU s | peak MiB |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for o in outcomes:
         s = o.score
         if s is None:
-            last = (o.error or "failed").strip().splitlines()[-1].replace("|", "/")[:120]
-            lines.append(f"| {o.method.name} | failed: {last} |" + " |" * 8)
+            said = [ln.strip(" │╭╮╰╯─") for ln in (o.error or "failed").splitlines()]
+            said = [ln for ln in said if re.search(r"[A-Za-z0-9]", ln)] or ["failed"]
+            last = said[-1].replace("|", "/")[:120]
+            lines.append(f"| {o.method.name} | failed: {last} |" + " |" * 9)
             continue
         hn = s["hard_negatives"]
         dc = s["dup_count"]
         ips = o.images / o.wall if o.wall else None
+        cpu = o.run["cpu_seconds"] if o.run else None
         lines.append(
             f"| {o.method.name} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} "
             f"| {_f(s['partial_recall'])} | {hn['merged']}/{hn['total']} ({_f(hn['share'], 2)}) | {_f(dc['tv'])} "
-            f"| {_f(dc['mean_true'], 2)} → {_f(dc['mean_pred'], 2)} | {_f(ips, 1)} | {_f(o.peak_mib, 0)} |"
+            f"| {_f(dc['mean_true'], 2)} → {_f(dc['mean_pred'], 2)} | {_f(ips, 1)} | {_f(cpu, 1)} | {_f(o.peak_mib, 0)} |"
         )
     scored = [o for o in outcomes if o.score is not None]
     table2 = ["| method | " + " | ".join(f"{e} ({edit_totals[e]})" for e in edits) + " | all copies |"]
@@ -696,7 +702,8 @@ def markdown_tables(outcomes: Sequence[Outcome], edits: Sequence[str], edit_tota
         "precision / recall / F1: pairwise over clusters; partial recall: 'partial' copies in their original's "
         "cluster; hard-neg merges: lookalikes merged with the image they resemble; dup-count TV: total variation "
         "between the true and predicted distributions of per-image copy counts; mean copies: mean group / cluster "
-        "size of the images in one of 2 or more; img/s and peak MiB: the whole child process tree, start-up included."
+        "size of the images in one of 2 or more; img/s, CPU s (user + sys) and peak MiB: the whole child process "
+        "tree, start-up and model load included; on a loaded machine CPU s compares better than img/s."
     )
     return "\n".join(lines) + "\n\n" + legend + "\n\nRecall per edit (copies in their original's cluster; column: copies):\n\n" + "\n".join(
         table2
