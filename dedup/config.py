@@ -40,6 +40,12 @@ class FingerprintConfig:
 
     phash: bool = True  # 64-bit pHash, bit for bit imagehash.phash
     pdq: bool = True  # 256-bit PDQ (Meta)
+    # PDQ of the image's 7 rotations/flips too (same cost, 224 more bytes per row): a rotated
+    # or mirrored copy is within pdq_distance of one of them
+    pdq_dihedral: bool = False
+    # embed the image without uniform margins (letterbox bars, padding, empty canvas), so a
+    # padded copy and its original show the model the same picture (fingerprint.trim_borders)
+    trim: bool = False
     max_pixels: int = 178_956_970  # refuse images declaring more pixels (decompression bombs)
 
 
@@ -55,6 +61,9 @@ class EmbedConfig:
     # Loading TorchScript or a pickled (.pt/.bin) checkpoint runs code stored in the file:
     # only with this set (--trust-model-code). ONNX and .safetensors files need no trust.
     trust_code: bool = False
+    # Region descriptors (dedup.embed.regions) beside each global embedding, for finding
+    # partial copies: free in model time, 29 float16 vectors per image on disk.
+    regions: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +85,22 @@ class SearchConfig:
     # soft-border width, as a share of the farthest two vectors at the threshold can be apart
     # (0.5 guarantees every pair shares a partition; bench/scale.py measures what 0.08 gives)
     margin: float = 0.08
+    # A second look (dedup.verify): embedding links scoring in [verify_from, threshold) are
+    # re-scored with verify_model on the re-read images and kept at >= verify_threshold.
+    # verify_from < 0 turns it off; it needs the images (not precomputed embeddings).
+    verify_from: float = -1.0
+    verify_threshold: float = 0.75
+    verify_model: EmbedModel = EmbedModel.SSCD
+    # Partial copies (an image pasted into a larger one): a region descriptor of one image
+    # (embed.regions) scoring >= partial_propose against another's whole image, and beating
+    # the two whole images' own score by partial_margin, proposes the pair; the re-read images
+    # must then show partial_inliers local-feature matches under one homography.
+    partial: bool = False
+    partial_propose: float = 0.5
+    partial_margin: float = 0.1
+    partial_inliers: int = 30
+    partial_top_k: int = 4  # proposals per region descriptor (nearest whole images)
+    partial_per_image: int = 2  # proposals verified per containing image (its best ones)
 
 
 @dataclass(frozen=True, slots=True)

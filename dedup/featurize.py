@@ -47,6 +47,7 @@ SCHEMA = pa.schema(
         ("phash", pa.uint64()),
         ("pdq", pa.binary(32)),
         ("pdq_quality", pa.int16()),
+        ("pdq_variants", pa.binary(224)),  # 7 x 32 bytes: rotations/flips (fingerprint.pdq_dihedral)
         ("has_image", pa.bool_()),
         ("embedded", pa.bool_()),
         ("meta", pa.string()),  # JSON of the other metadata columns (aesthetic, similarity, ...)
@@ -77,6 +78,12 @@ class FeatureStep:
         base = self.out_dir / shard_file_name(shard)
         return base.with_name(base.name + ".parquet"), base.with_name(base.name + ".npy")
 
+    def regions_path(self, shard: Shard) -> Path:
+        """Region descriptors of the embedded rows, float16 ``(n, windows, dim)``, when the
+        embedder makes them (``embed.regions``); absent otherwise."""
+        base = self.out_dir / shard_file_name(shard)
+        return base.with_name(base.name + ".regions.npy")
+
     def __call__(self, shard: Shard, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
         if shard.kind is ShardKind.EMBEDDINGS:  # vectors given: nothing to decode, no model
             return precomputed_features(shard, *self.paths(shard), progress)
@@ -85,13 +92,20 @@ class FeatureStep:
         batch_size = max(1, self.config.embed.batch_size)
         rows: list[dict[str, Any]] = []
         vectors: list[np.ndarray] = []
+        regions: list[np.ndarray] = []
         pending: list[np.ndarray] = []
         errors: dict[str, int] = {}
+        with_regions = bool(getattr(embedder, "regions", False))
 
         def flush() -> None:
             if pending:
                 assert embedder is not None
-                vectors.append(embedder.embed(np.stack(pending)))
+                if with_regions:
+                    glob, reg = embedder.embed_regions(np.stack(pending))  # type: ignore[attr-defined]
+                    vectors.append(glob)
+                    regions.append(reg.astype(np.float16))
+                else:
+                    vectors.append(embedder.embed(np.stack(pending)))
                 pending.clear()
 
         for sample in read_shard(shard):
@@ -115,6 +129,11 @@ class FeatureStep:
         emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         parquet_path, npy_path = self.paths(shard)
+        if with_regions:
+            reg = np.concatenate(regions) if regions else np.zeros((0, 0, dim), np.float16)
+            with atomic_path(self.regions_path(shard)) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, reg)
         with atomic_path(npy_path) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, emb.astype(np.float32, copy=False))
@@ -159,6 +178,7 @@ def _row(sample: Sample, shard: Shard, feats: Features, embedded: bool) -> dict[
         "phash": feats.phash,
         "pdq": feats.pdq,
         "pdq_quality": feats.pdq_quality,
+        "pdq_variants": feats.pdq_variants,
         "has_image": feats.sha256 is not None,
         "embedded": embedded,
         "meta": json.dumps(sample.extra, sort_keys=True, default=str) if sample.extra else None,

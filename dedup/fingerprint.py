@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dedup.config import FingerprintConfig
 from dedup.errors import SampleError
 
-__all__ = ["Features", "decode", "fingerprint", "hamming", "pdq_dihedral"]
+__all__ = ["Features", "decode", "fingerprint", "hamming", "pdq_dihedral", "trim_borders"]
 
 # The formats we open, most common first (Image.open tries them in this order). An allow-list
 # rather than PIL's full registry: PIL's EPS plugin runs Ghostscript on the data, and a
@@ -86,6 +86,9 @@ class Features:
     phash: int | None = None  # 64-bit pHash, == int(str(imagehash.phash(img)), 16)
     pdq: bytes | None = None  # 256-bit PDQ, Meta's bit order, packed MSB-first (32 bytes)
     pdq_quality: int | None = None  # PDQ's own 0..100 quality (low: flat, featureless image)
+    # PDQ of the 7 other rotations/flips (rot 90, 180, 270, flip LR, flip TB, transpose,
+    # transverse), 7 x 32 bytes, when FingerprintConfig.pdq_dihedral: one pass, same cost.
+    pdq_variants: bytes | None = None
 
     @classmethod
     def failed(cls, error: str) -> Features:
@@ -174,10 +177,52 @@ def fingerprint(
     )
     if cfg.phash:
         features.phash = _phash(img)
-    if cfg.pdq:
+    if cfg.pdq and cfg.pdq_dihedral:
+        hashes, quality = pdqhash.compute_dihedral(_pdq_input(img, pixels))
+        packed = [_pack_bits(h) for h in hashes]
+        features.pdq, features.pdq_quality, features.pdq_variants = packed[0], int(quality), b"".join(packed[1:])
+    elif cfg.pdq:
         features.pdq, features.pdq_quality = _pdq(_pdq_input(img, pixels))
-    prepared = prepare(img) if prepare is not None else None
+    prepared = prepare(trim_borders(img) if cfg.trim else img) if prepare is not None else None
     return features, prepared
+
+
+def trim_borders(img: Image.Image, *, tolerance: int = 24, rounds: int = 3) -> Image.Image:
+    """``img`` without uniform margins (letterbox bars, padding, a clip art's empty canvas).
+
+    A border is trimmed when the four corners share one colour (within ``tolerance`` per
+    channel, on a 128-pixel thumbnail that smooths JPEG noise): everything farther than that
+    from it is content, and the content's bounding box is kept. Up to ``rounds`` times, so a
+    white drawing padded with black bars comes down to the drawing, as its unpadded original
+    does. Images without such margins (most photos) come back unchanged; so does an image that
+    is all margin. The embedding sees the trimmed image; hashes and sizes keep the whole one.
+    """
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    thumb = np.asarray(rgb.resize(_fit_within(rgb.size, 128) or rgb.size, Image.Resampling.BILINEAR), np.int16)
+    top, left, bottom, right = 0, 0, thumb.shape[0], thumb.shape[1]
+    for _ in range(rounds):
+        arr = thumb[top:bottom, left:right]
+        h, w = arr.shape[:2]
+        if h < 8 or w < 8:
+            break
+        # One pixel in from the edge: the outermost ring may be a seam blurred by the thumbnail.
+        inner = arr[1:-1, 1:-1]
+        corners = inner[[0, 0, -1, -1], [0, -1, 0, -1]]
+        colour = np.median(corners, axis=0)
+        if np.abs(corners - colour).max() > tolerance:
+            break
+        content = np.abs(inner - colour).max(axis=2) > tolerance
+        rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
+        if rows.size == 0 or (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) > 0.97 * h * w:
+            break
+        top, bottom, left, right = top + rows[0] + 1, top + rows[-1] + 2, left + cols[0] + 1, left + cols[-1] + 2
+    if (top, left, bottom, right) == (0, 0, thumb.shape[0], thumb.shape[1]):
+        return img
+    sx, sy = img.width / thumb.shape[1], img.height / thumb.shape[0]
+    box = (int(left * sx), int(top * sy), min(img.width, math.ceil(right * sx)), min(img.height, math.ceil(bottom * sy)))
+    if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+        return img
+    return img.crop(box)
 
 
 def pdq_dihedral(img: Image.Image) -> list[bytes]:

@@ -28,6 +28,8 @@ class Signal(IntEnum):
     PHASH = 4
     URL = 5
     CAPTION = 6
+    VERIFIED = 7  # an embedding link below the threshold, confirmed by the full model
+    PARTIAL = 8  # a region of one image holds the other (confirmed by the full model)
 
     @property
     def label(self) -> str:
@@ -84,6 +86,30 @@ class Edges:
     def counts_by_signal(self) -> dict[str, int]:
         codes, counts = np.unique(self.signal, return_counts=True)
         return {Signal(int(c)).label: int(n) for c, n in zip(codes, counts, strict=True)}
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Pairs to look at again. ``window`` is the region of ``i`` that matched ``j`` (-1: whole)."""
+
+    i: np.ndarray  # int64 rows
+    j: np.ndarray  # int64 rows
+    score: np.ndarray  # float32: the proposing score
+    window: np.ndarray  # int16
+
+    @classmethod
+    def empty(cls) -> Candidates:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.int16))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Candidates]) -> Candidates:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("i", "j", "score", "window")))
+
+    def __len__(self) -> int:
+        return int(self.i.shape[0])
 
 
 Progress = Callable[[int], object]
@@ -211,3 +237,104 @@ def normalise_url(url: str | None) -> str | None:
 def pack_uint64(values: np.ndarray) -> np.ndarray:
     """64-bit hashes (as unsigned ints) to big-endian packed bytes, the layout faiss wants."""
     return np.asarray(values, dtype=">u8").view(np.uint8).reshape(-1, 8)
+
+
+def band_split(edges: Edges, threshold: float) -> tuple[Edges, Candidates]:
+    """Embedding links at ``>= threshold`` (kept), and the rest as candidates for a second look."""
+    keep = edges.score >= threshold
+    low = ~keep
+    direct = Edges(edges.i[keep], edges.j[keep], edges.score[keep], edges.signal[keep])
+    band = Candidates(edges.i[low], edges.j[low], edges.score[low], np.full(int(low.sum()), -1, np.int16))
+    return direct, band
+
+
+def region_candidates(
+    vectors: np.ndarray,
+    regions: np.ndarray,
+    *,
+    propose: float,
+    top_k: int = 4,
+    rows: np.ndarray | None = None,
+    block_size: int = 2048,
+    progress: Progress | None = None,
+) -> Candidates:
+    """Pairs where a region of image ``i`` comes within ``propose`` of image ``j``'s whole.
+
+    ``vectors`` (n, dim) are the whole-image embeddings, ``regions`` (n, windows, dim) each
+    image's region descriptors (float16 is fine; blocks are converted). Each region asks for
+    its ``top_k`` nearest whole images; a pair keeps its best window. Exact: a flat index over
+    the whole images, queried a block of images' regions at a time.
+    """
+    n = int(vectors.shape[0])
+    if n < 2 or regions.ndim != 3 or regions.shape[1] == 0:
+        return Candidates.empty()
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    per = int(regions.shape[1])
+    index = faiss.IndexFlatIP(int(vectors.shape[1]))
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    k = min(top_k + 1, n)  # one more: an image's own whole is usually its regions' nearest
+    found: list[Candidates] = []
+    for start in _blocks(n, block_size):
+        stop = min(n, start + block_size)
+        q = np.ascontiguousarray(regions[start:stop].reshape(-1, regions.shape[2]), dtype=np.float32)
+        dist, idx = index.search(q, k)
+        owner = np.repeat(np.arange(start, stop, dtype=np.int64), per * k)
+        window = np.tile(np.repeat(np.arange(per, dtype=np.int16), k), stop - start)
+        dist, idx = dist.reshape(-1), idx.reshape(-1).astype(np.int64)
+        hit = (idx >= 0) & (idx != owner) & (dist >= propose)
+        found.append(Candidates(owner[hit], idx[hit], dist[hit].astype(np.float32), window[hit]))
+        if progress is not None:
+            progress(stop - start)
+    cands = Candidates.concat(found)
+    if not len(cands):
+        return cands
+    # the best window per (container, image) pair
+    order = np.lexsort((-cands.score, cands.j, cands.i))
+    i, j, score, window = cands.i[order], cands.j[order], cands.score[order], cands.window[order]
+    first = np.ones(i.size, bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    return Candidates(rows[i[first]], rows[j[first]], score[first], window[first])
+
+
+def pdq_variant_edges(
+    codes: np.ndarray,
+    variants: np.ndarray,
+    *,
+    max_distance: int,
+    rows: np.ndarray | None = None,
+    block_size: int = 16384,
+) -> Edges:
+    """Pairs where a rotation or flip of one image's PDQ is within ``max_distance`` of the other's.
+
+    ``codes`` (n, 32) are the images' PDQ hashes, ``variants`` (n, 7 * 32) their 7 other
+    dihedral hashes (:attr:`dedup.fingerprint.Features.pdq_variants`). Each variant is searched
+    against the plain hashes, so a mirrored or rotated copy meets the original in one of the
+    seven; the score is ``1 - distance / 256`` of the closest variant.
+    """
+    n = int(codes.shape[0])
+    if n < 2 or max_distance < 0:
+        return Edges.empty()
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    index = faiss.IndexBinaryFlat(256)
+    index.add(np.ascontiguousarray(codes, dtype=np.uint8))
+    var = np.ascontiguousarray(variants, dtype=np.uint8).reshape(n, 7, 32)
+    found: list[Edges] = []
+    for v in range(7):
+        for start in _blocks(n, block_size):
+            stop = min(n, start + block_size)
+            lims, dist, idx = index.range_search(np.ascontiguousarray(var[start:stop, v]), max_distance + 1)
+            q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims.astype(np.int64)))
+            keep = idx != q
+            found.append(Edges.of(rows[q[keep]], rows[idx[keep]], 1.0 - np.asarray(dist[keep], np.float32) / 256, Signal.PDQ))
+    return _best_edge(Edges.concat(found))
+
+
+def _best_edge(edges: Edges) -> Edges:
+    """One edge per pair (its best score)."""
+    if not len(edges):
+        return edges
+    order = np.lexsort((-edges.score, edges.j, edges.i))
+    i, j = edges.i[order], edges.j[order]
+    first = np.ones(i.size, bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    return Edges(i[first], j[first], edges.score[order][first], edges.signal[order][first])

@@ -17,6 +17,7 @@ from PIL import Image
 
 from dedup.config import EmbedConfig, EmbedModel
 from dedup.embed.base import l2_normalize, parse_device
+from dedup.embed.regions import HEADS, Head, pool_regions, with_outputs
 from dedup.errors import MissingDependencyError, ModelError
 
 if TYPE_CHECKING:
@@ -35,13 +36,22 @@ class OnnxEmbedder:
     borders where edits (added text, padding) happen.
     """
 
-    def __init__(self, name: str, session: onnxruntime.InferenceSession, *, size: int) -> None:
+    def __init__(
+        self, name: str, session: onnxruntime.InferenceSession, *, size: int, head: Head | None = None
+    ) -> None:
         self.name = name
         self.size = size
         self._session = session
         self._input = session.get_inputs()[0].name
         self._output = _output_name(session)
         self.dim = _output_dim(session, self._input, self._output, size)
+        self._head = head
+        self._projection: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def regions(self) -> bool:
+        """Whether :meth:`embed_regions` is available (packaged SSCD models, regions on)."""
+        return self._head is not None
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """RGB image -> uint8 array (size, size, 3)."""
@@ -60,8 +70,26 @@ class OnnxEmbedder:
         (vectors,) = self._session.run([self._output], feed)
         return l2_normalize(vectors)
 
+    def embed_regions(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global embeddings ``(n, dim)`` and region descriptors ``(n, windows, dim)``.
+
+        One model run: the regions pool windows of the feature map the global pools whole.
+        """
+        if self._head is None:
+            raise ModelError(f"{self.name}: region descriptors are not available for this model")
+        head = self._head
+        if batch.shape[0] == 0:
+            return np.empty((0, self.dim), np.float32), np.empty((0, 0, self.dim), np.float32)
+        feed = {self._input: np.ascontiguousarray(batch, dtype=np.uint8)}
+        if self._projection is None:
+            vectors, fmap, weight, bias = self._session.run([self._output, head.feature_map, head.weight, head.bias], feed)
+            self._projection = (np.asarray(weight, np.float32), np.asarray(bias, np.float32))
+        else:
+            vectors, fmap = self._session.run([self._output, head.feature_map], feed)
+        return l2_normalize(vectors), pool_regions(fmap, *self._projection, head)
+
     def __repr__(self) -> str:
-        return f"OnnxEmbedder(name={self.name!r}, size={self.size}, dim={self.dim})"
+        return f"OnnxEmbedder(name={self.name!r}, size={self.size}, dim={self.dim}, regions={self.regions})"
 
 
 def build_onnx_sscd(cfg: EmbedConfig, *, threads: int | None = None) -> OnnxEmbedder:
@@ -89,8 +117,15 @@ def build_onnx_sscd(cfg: EmbedConfig, *, threads: int | None = None) -> OnnxEmbe
     options.log_severity_level = 3  # errors only: the library never prints
     # ORT's thread spinning stays on: turning it off (so idle threads sleep while the worker
     # decodes) measured 20 % slower for sscd_distilled at batch 32, and no faster for sscd.
+    # Region descriptors need the feature map and projection as outputs: known for the packaged
+    # models only (a user's export may name its tensors differently).
+    head = HEADS.get(name) if cfg.regions and not cfg.model_path else None
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        if head is not None:
+            model = with_outputs(path.read_bytes(), [head.feature_map, head.weight, head.bias])
+            session = ort.InferenceSession(model, sess_options=options, providers=providers)
+        else:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # ORT raises its own (pybind) exception types
         raise ModelError(
             f"cannot load ONNX model {path}: {' '.join(str(err).split())[:300]}; "
@@ -105,7 +140,7 @@ def build_onnx_sscd(cfg: EmbedConfig, *, threads: int | None = None) -> OnnxEmbe
             "or mismatched); check the onnxruntime-gpu install, or set embed.device='cpu'"
         )
     _check_interface(session, path)
-    return OnnxEmbedder(name, session, size=cfg.size)
+    return OnnxEmbedder(name, session, size=cfg.size, head=head)
 
 
 def _import_onnxruntime() -> Any:

@@ -1,0 +1,181 @@
+"""Region descriptors (dedup.embed.regions), the second look (dedup.verify) and PDQ variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from _data import natural_image
+from PIL import Image, ImageDraw, ImageOps
+
+from dedup.config import EmbedConfig, EmbedModel, FingerprintConfig, RunConfig
+from dedup.embed.onnx import build_onnx_sscd
+from dedup.embed.regions import HEADS, pool_regions, windows, with_outputs
+from dedup.fingerprint import fingerprint
+from dedup.pipeline import run
+from dedup.search import Signal, pdq_variant_edges, region_candidates
+from dedup.verify import geometric_inliers, local_features
+
+MODELS = [EmbedModel.SSCD_DISTILLED, EmbedModel.SSCD]
+
+
+def _picture(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A 1/f-noise image with drawn shapes on it: corners for local features to lock onto."""
+    img = natural_image(seed, size)
+    rng = np.random.default_rng(seed)
+    draw = ImageDraw.Draw(img)
+    for _ in range(14):
+        x, y = rng.integers(0, size[0] - 30), rng.integers(0, size[1] - 30)
+        w, h = rng.integers(10, 60, size=2)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.rectangle((x, y, x + w, y + h), fill=colour)
+        else:
+            draw.polygon([(x, y), (x + w, y + h // 3), (x + w // 2, y + h)], fill=colour)
+    return img
+
+
+def _scene(picture: Image.Image, seed: int, share: float = 0.3) -> Image.Image:
+    """``picture`` framed on a larger unrelated background, covering ``share`` of its area."""
+    bg = natural_image(seed, (720, 540))
+    side = (share * 720 * 540 / (picture.width * picture.height)) ** 0.5
+    inner = picture.resize((int(picture.width * side), int(picture.height * side)))
+    framed = ImageOps.expand(inner, border=10, fill=(60, 40, 20))
+    bg.paste(framed, (380 - framed.width // 2, 250 - framed.height // 2))
+    return bg
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.value)
+def test_global_rebuilt_from_the_feature_map(model: EmbedModel) -> None:
+    """The tensor names and GeM settings in HEADS are the packaged models' own: pooling the whole
+    feature map through the projection gives back the model's embedding."""
+    emb = build_onnx_sscd(EmbedConfig(model=model, regions=True), threads=1)
+    batch = np.stack([emb.preprocess(natural_image(s)) for s in range(3)])
+    head = HEADS[model.value]
+    vectors, fmap, weight, bias = emb._session.run([emb._output, head.feature_map, head.weight, head.bias], {emb._input: batch})
+    fm = np.asarray(fmap, np.float64).reshape(3, fmap.shape[1], -1)
+    gem = np.cbrt((np.maximum(fm, head.eps) ** 3).mean(axis=2))
+    rebuilt = gem @ weight.T + bias
+    rebuilt /= np.linalg.norm(rebuilt, axis=1, keepdims=True)
+    assert np.abs(rebuilt - vectors).max() < 1e-4
+    # and each region is GeM over its window, through the same projection
+    glob, regions = emb.embed_regions(batch)
+    assert np.allclose(glob, vectors / np.linalg.norm(vectors, axis=1, keepdims=True), atol=1e-6)
+    side = int(round(fm.shape[2] ** 0.5))
+    y, x, kh, kw = windows(side, side)[7]
+    win = fm.reshape(3, -1, side, side)[:, :, y : y + kh, x : x + kw].reshape(3, fm.shape[1], -1)
+    manual = np.cbrt((np.maximum(win, head.eps) ** 3).mean(axis=2)) @ weight.T + bias
+    manual /= np.linalg.norm(manual, axis=1, keepdims=True)
+    assert regions.shape == (3, len(windows(side, side)), emb.dim)
+    assert np.abs(manual - regions[:, 7]).max() < 1e-4
+
+
+def test_regions_off_or_unknown_model() -> None:
+    assert not build_onnx_sscd(EmbedConfig(model=EmbedModel.SSCD_DISTILLED), threads=1).regions
+    assert build_onnx_sscd(EmbedConfig(model=EmbedModel.SSCD_DISTILLED, regions=True), threads=1).regions
+
+
+def test_with_outputs_appends_graph_outputs() -> None:
+    # ModelProto{graph(7){output(12){name(1)="a"}}}: tag 0x3a, then 0x62 (field 12), then 0x0a
+    assert with_outputs(b"M", ["a"]) == b"M" + bytes([0x3A, 5, 0x62, 3, 0x0A, 1]) + b"a"
+
+
+def test_windows_cover_three_scales() -> None:
+    wins = windows(9, 9)
+    assert len(wins) == 29
+    assert {kh for _, _, kh, _ in wins} == {3, 5, 7}
+    assert all(y + kh <= 9 and x + kw <= 9 for y, x, kh, kw in wins)
+
+
+def test_pool_regions_of_a_constant_map_equal_the_global() -> None:
+    head = HEADS["sscd"]
+    rng = np.random.default_rng(0)
+    fmap = np.ones((2, 4, 9, 9), np.float32) * rng.uniform(0.5, 2, (2, 4, 1, 1)).astype(np.float32)
+    weight, bias = rng.normal(size=(3, 4)).astype(np.float32), np.zeros(3, np.float32)
+    regions = pool_regions(fmap, weight, bias, head)
+    glob = fmap.mean(axis=(2, 3)) @ weight.T
+    glob /= np.linalg.norm(glob, axis=1, keepdims=True)
+    assert np.allclose(regions, glob[:, None, :], atol=1e-5)
+
+
+def test_a_region_finds_the_picture_inside_a_mock_up() -> None:
+    emb = build_onnx_sscd(EmbedConfig(model=EmbedModel.SSCD_DISTILLED, regions=True), threads=1)
+    pictures = [natural_image(100 + s, (300, 240)) for s in range(4)]
+    scenes = [_scene(p, 200 + s) for s, p in enumerate(pictures)]
+    glob, regions = emb.embed_regions(np.stack([emb.preprocess(i) for i in pictures + scenes]))
+    whole_scores = (glob[:4] * glob[4:]).sum(1)
+    cands = region_candidates(glob, regions, propose=0.45, top_k=2)
+    found = {(int(i), int(j)) for i, j in zip(cands.i, cands.j, strict=True)}
+    for s in range(4):
+        assert (4 + s, s) in found, f"scene {s} not proposed (whole-image score {whole_scores[s]:.2f})"
+    # the best window of scene s against picture s beats the whole scene against it
+    best = {(int(i), int(j)): float(v) for i, j, v in zip(cands.i, cands.j, cands.score, strict=True)}
+    assert all(best[(4 + s, s)] > whole_scores[s] + 0.05 for s in range(4))
+
+
+def test_pdq_variants_find_rotated_and_mirrored_copies() -> None:
+    img = natural_image(7, (320, 240))
+    copies = [img, img.rotate(90, expand=True), ImageOps.mirror(img), ImageOps.flip(img), natural_image(8, (320, 240))]
+    cfg = FingerprintConfig(pdq_dihedral=True)
+    feats = [fingerprint(_jpeg(c), cfg)[0] for c in copies]
+    codes = np.frombuffer(b"".join(f.pdq for f in feats), np.uint8).reshape(-1, 32)
+    variants = np.frombuffer(b"".join(f.pdq_variants for f in feats), np.uint8).reshape(-1, 224)
+    edges = pdq_variant_edges(codes, variants, max_distance=31)
+    pairs = {(int(i), int(j)) for i, j in zip(edges.i, edges.j, strict=True)}
+    assert {(0, 1), (0, 2), (0, 3)} <= pairs
+    assert not any(4 in p for p in pairs)
+    assert set(edges.signal.tolist()) == {int(Signal.PDQ)}
+    assert len(pairs) == len(edges)  # one edge per pair
+    plain = fingerprint(_jpeg(img), FingerprintConfig())[0]
+    assert plain.pdq == feats[0].pdq and plain.pdq_variants is None
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_second_look_links_partial_copies_end_to_end(tmp_path: Path) -> None:
+    """A folder with pictures, their mock-ups, and unrelated scenes on the same backgrounds:
+    each mock-up is linked to its picture as a "partial" link, nothing else is."""
+    src = tmp_path / "images"
+    src.mkdir()
+    pictures = [_picture(300 + s) for s in range(3)]
+    for s, p in enumerate(pictures):
+        p.save(src / f"picture{s}.jpg", quality=92)
+        _scene(p, 400 + s).save(src / f"mockup{s}.jpg", quality=88)
+        # another picture on the same wall: must not join either
+        _scene(_picture(600 + s), 400 + s).save(src / f"other{s}.jpg", quality=88)
+    cfg = RunConfig().with_overrides(
+        {
+            "embed.model": "sscd_distilled",
+            "embed.regions": True,
+            "search.partial": True,
+            "search.threshold": 0.95,
+            # 1/f-noise pictures all look alike to SSCD (0.3-0.5): propose more pairs and let
+            # the geometric check decide, which is what this test is about
+            "search.partial_margin": 0.0,
+            "search.partial_propose": 0.4,
+        }
+    )
+    result = run([str(src)], tmp_path / "out", config=cfg)
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    for s in range(3):
+        assert rows[f"mockup{s}.jpg"]["cluster_id"] == rows[f"picture{s}.jpg"]["cluster_id"]
+        assert rows[f"other{s}.jpg"]["cluster_size"] == 1
+    assert {rows[f"picture{s}.jpg"]["signal"] for s in range(3)} == {"partial"}  # the dropped side says why
+    assert result.report["summary"]["duplicate_clusters"] == 3
+
+
+def test_geometric_inliers_find_a_pasted_picture_not_a_neighbour() -> None:
+    picture = _picture(12)
+    scene = _scene(picture, 12)
+    other = _scene(_picture(20), 12)  # same wall, another picture
+    pic, sc, ot = (local_features(i) for i in (picture, scene, other))
+    assert geometric_inliers(pic, sc) >= 30
+    assert geometric_inliers(pic, ot) < 15
