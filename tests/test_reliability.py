@@ -602,14 +602,17 @@ def test_full_disk_while_writing_a_checkpoint(tmp_path: Path, shards_src: Path, 
 def test_output_errors_while_writing_the_manifest_exit_2(
     tmp_path: Path, shards_src: Path, monkeypatch: pytest.MonkeyPatch, code: int, meaning: str
 ) -> None:
-    real_write = pq.write_table
+    real_writer = pq.ParquetWriter
 
-    def failing_manifest(table: Any, where: Any, *args: Any, **kwargs: Any) -> None:
-        if Path(str(where)).name.startswith(".manifest.parquet."):  # atomic_path's temp file
-            raise OSError(code, os.strerror(code), str(where))
-        real_write(table, where, *args, **kwargs)
+    class FailingManifest(real_writer):  # type: ignore[misc,valid-type]
+        """The manifest is written a row group at a time: fail on its first row group."""
 
-    monkeypatch.setattr(pq, "write_table", failing_manifest)
+        def write_table(self, table: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(str(self.where)).name.startswith(".manifest.parquet."):  # atomic_path's temp file
+                raise OSError(code, os.strerror(code), str(self.where))
+            super().write_table(table, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetWriter", FailingManifest)
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", str(shards_src), "--out", str(out), *CLI_FAST])
     assert result.exit_code == 2, result.output
