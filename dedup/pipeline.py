@@ -41,6 +41,7 @@ from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.index import Catalog, index_dir, index_lock, write_index
 from dedup.manifest import Manifest, write_keep_list, write_manifest
+from dedup.verify import load_regions, second_look
 from dedup.partition import VectorFiles, auto_settings, partitioned_edges
 from dedup.report import build_report, write_report_pages
 from dedup.rows import FeatureRows, as_rows
@@ -50,6 +51,7 @@ from dedup.search import (
     embedding_edges,
     exact_edges,
     hamming_edges,
+    pdq_variant_edges,
     normalise_caption,
     normalise_url,
     pack_uint64,
@@ -271,6 +273,19 @@ def find_edges(
             parts.append(
                 hamming_edges(codes, max_distance=search.pdq_distance, signal=Signal.PDQ, rows=pdq_rows, block_size=search.block_size)
             )
+            if present("pdq_variants"):  # rotated / mirrored copies (fingerprint.pdq_dihedral)
+                var = rows.take(["pdq_variants"], pdq_rows).column(0).to_pylist()
+                have = np.array([v is not None for v in var], bool)
+                if have.any():
+                    parts.append(
+                        pdq_variant_edges(
+                            codes[have],
+                            np.frombuffer(b"".join(v for v in var if v is not None), np.uint8).reshape(-1, 224),
+                            max_distance=search.pdq_distance,
+                            rows=pdq_rows[have],
+                            block_size=search.block_size,
+                        )
+                    )
     if search.phash_distance >= 0 and present("phash"):
         column = rows.column("phash")
         ph = column.to_numpy(zero_copy_only=False)
@@ -324,6 +339,14 @@ def finish(
     timer = PhaseLog()
     edges, levels = find_edges(rows, vectors, cfg, progress=progress, work_dir=out_dir / WORK_DIR / "search")
     timer.done("search")
+    if shards is not None and (cfg.search.verify_from >= 0 or cfg.search.partial):
+        # Uncertain and partial-copy candidates, confirmed on the re-read images (dedup.verify).
+        step = FeatureStep(config=cfg, out_dir=out_dir / WORK_DIR / cfg.stage_key() / "shards")
+        regions = load_regions([step.regions_path(s) for s in shards]) if cfg.search.partial else None
+        confirmed, second = second_look(rows, vectors, edges, cfg, shards=shards, regions=regions, progress=progress)
+        edges = Edges.concat([edges, confirmed])
+        shard_stats = {**shard_stats, "second_look": second}
+        timer.done("second look")
     # Precomputed embeddings (clip-retrieval: usually CLIP) are not the configured model's.
     embedding_label = PRECOMPUTED if shard_stats.get("precomputed") else cfg.embed.model.value
     with progress("cluster + select", 1, "step") as bar:
