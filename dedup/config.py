@@ -146,7 +146,7 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     folder_batch: int = 1000  # images per shard when reading a plain folder
-    workers: int = 1  # shards processed at once
+    workers: int = 1  # shards processed at once (processes); 0 = one per core
 
     def with_overrides(self, overrides: dict[str, Any]) -> Self:
         """A copy with dotted keys replaced, e.g. ``{"search.threshold": 0.9}``; None is ignored."""

@@ -87,7 +87,8 @@ class FeatureStep:
     def __call__(self, shard: Shard, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
         if shard.kind is ShardKind.EMBEDDINGS:  # vectors given: nothing to decode, no model
             return precomputed_features(shard, *self.paths(shard), progress)
-        threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
+        workers = self.config.workers or os.cpu_count() or 1  # 0: one worker per core
+        threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
         embedder = _embedder(self.config, threads)
         batch_size = max(1, self.config.embed.batch_size)
         rows: list[dict[str, Any]] = []

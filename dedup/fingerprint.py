@@ -96,7 +96,7 @@ class Features:
         return cls(status="failed", error=_one_line(error))
 
 
-def decode(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode(data: bytes, *, max_pixels: int, draft: int | None = None) -> Image.Image:
     """Decode encoded image bytes to an 8-bit RGB image, as every signal expects it.
 
     The size is checked before the pixels are decoded, so a small file declaring a huge image
@@ -106,6 +106,10 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     CMYK, 16-bit and other modes become 8-bit RGB. Truncated files fail: PIL's
     ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left as it is (False), because a truncated JPEG
     decoded with a grey bottom half would be fingerprinted as a different image.
+
+    ``draft`` (pixels) lets a JPEG decode at a power-of-two reduction whose sides stay at
+    least that large (libjpeg scales in the DCT: several times faster), for callers that
+    need a small image only; exact pixel hashes must never use it.
 
     Raises:
         SampleError: with a one-line reason, for anything that is not a usable image.
@@ -126,6 +130,8 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
         width, height = im.size
         pixels = width * height
         _check_size(width, height, max_pixels=max_pixels)
+        if draft is not None and im.format == "JPEG":
+            im.draft("RGB", (draft, draft))
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and pixels > limit:
             # Rare and huge: decode one at a time under the lock, which also bounds memory.

@@ -48,7 +48,7 @@ from dedup.search import Candidates, Edges, Signal, band_split, embedding_edges,
 
 __all__ = ["LocalFeatures", "geometric_inliers", "load_regions", "local_features", "second_look", "verify"]
 
-CHUNK_ROWS = 2048  # images held (encoded) at once while verifying
+CHUNK_ROWS = 256  # images read (encoded bytes held) at once while verifying
 
 
 def verify(
@@ -94,33 +94,45 @@ def verify(
     local: dict[int, LocalFeatures] = {}
     from dedup.report.thumbs import fetch_images  # the reader the report uses for thumbnails
 
-    for start in range(0, rows.size, CHUNK_ROWS):
-        chunk = rows[start : start + CHUNK_ROWS].tolist()
-        found = fetch_images(shards, {sample_of[r]: shard_of[r] for r in chunk})
-        images: dict[int, Image.Image] = {}
-        for r in chunk:
-            data = found.pop(sample_of[r], None)
-            try:
-                if data is None:
-                    raise SampleError("unreadable")
-                img = decode(data, max_pixels=cfg.fingerprint.max_pixels)
-            except SampleError:
-                stats["unreadable"] += 1
-                continue
-            # what the embedding saw, so a trimmed copy is compared as the run compared it
-            images[r] = trim_borders(img) if cfg.fingerprint.trim else img
-        if model is not None:
-            todo = [r for r in images if r in embed_rows]
-            for b in range(0, len(todo), 32):
-                batch = todo[b : b + 32]
-                vecs = model.embed(np.stack([model.preprocess(images[r]) for r in batch]))
-                whole.update(zip(batch, vecs, strict=True))
-        todo = [r for r in images if r in local_rows]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # OpenCV frees the GIL
-            local.update(zip(todo, pool.map(lambda r: local_features(images[r]), todo), strict=True))
-        images.clear()
-        if progress is not None:
-            progress(len(chunk))
+    def look(r: int, data: bytes | None) -> tuple[int, np.ndarray | None, LocalFeatures | None]:
+        """Decode one image and take what its pairs need; the image itself is dropped."""
+        if data is None:
+            return r, None, None
+        try:
+            # Local features look at 640 px at most, the model at its input size: a JPEG can
+            # decode at a reduced scale. Trimming then measures that image, as it measured the
+            # full one to within a pixel.
+            img = decode(data, max_pixels=cfg.fingerprint.max_pixels, draft=_LOCAL_SIDE)
+        except SampleError:
+            return r, None, None
+        if cfg.fingerprint.trim:  # what the embedding saw, so a trimmed copy compares as it did
+            img = trim_borders(img)
+        model_input = model.preprocess(img) if model is not None and r in embed_rows else None
+        feats = local_features(img) if r in local_rows else None
+        return r, model_input, feats
+
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and OpenCV release the GIL
+        for start in range(0, rows.size, CHUNK_ROWS):
+            chunk = rows[start : start + CHUNK_ROWS].tolist()
+            found = fetch_images(shards, {sample_of[r]: shard_of[r] for r in chunk})
+            looked = list(pool.map(look, chunk, [found.get(sample_of[r]) for r in chunk]))
+            del found
+            inputs: list[tuple[int, np.ndarray]] = []
+            for r, model_input, feats in looked:
+                if model_input is None and feats is None:
+                    stats["unreadable"] += 1
+                if model_input is not None:
+                    inputs.append((r, model_input))
+                if feats is not None:
+                    local[r] = feats
+            if model is not None:
+                for b in range(0, len(inputs), 32):
+                    batch = inputs[b : b + 32]
+                    vecs = model.embed(np.stack([x for _, x in batch]))
+                    whole.update(zip([r for r, _ in batch], vecs, strict=True))
+            if progress is not None:
+                progress(len(chunk))
 
     score = np.zeros(len(candidates), np.float32)
     accept = np.zeros(len(candidates), bool)

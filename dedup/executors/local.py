@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import multiprocessing
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -27,7 +29,7 @@ class LocalExecutor:
     """
 
     def __init__(self, workers: int = 1, retries: int = 1) -> None:
-        self.workers = max(1, workers)
+        self.workers = max(1, workers or os.cpu_count() or 1)  # 0: one per core
         self.retries = max(0, retries)
 
     def run(
