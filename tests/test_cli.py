@@ -58,7 +58,7 @@ def test_run_options_override_preset(sample_images_dir: PlantedDataset, tmp_path
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["search"]["threshold"] == 0.9  # flag beats preset
-    assert cfg["search"]["phash_distance"] == 4  # preset beats default
+    assert cfg["search"]["partial"] is True and cfg["fingerprint"]["trim"] is True  # preset beats default
     assert cfg["search"]["pdq_distance"] == -1
     assert cfg["keep"]["policy"] == "largest"
     assert "pdq" not in json.loads((out / "report.json").read_text())["links_per_signal"]

@@ -82,7 +82,7 @@ def test_report_json(dedup_out: Path) -> None:
     m = pl.read_parquet(dedup_out / "manifest.parquet")
     assert report["summary"]["samples"] == m.height
     assert report["summary"]["duplicate_clusters"] >= 5
-    assert report["links_per_signal"].get("sscd", 0) > 0
+    assert report["links_per_signal"].get("sscd_distilled", 0) > 0  # the default preset's model
     assert report["links_per_signal"].get("exact_bytes", 0) > 0
     dist = report["duplicate_count"]["all_samples"]
     assert 0 < dist["mean"] <= dist["max"]

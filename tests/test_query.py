@@ -102,7 +102,7 @@ def test_share_flagged_and_failures_are_counted(result_and_out) -> None:  # type
     assert result.flagged == len(PLANTED)
     assert result.share_flagged == pytest.approx(len(PLANTED) / (len(PLANTED) + UNRELATED))
     assert [name.rsplit("/", 1)[-1] for name, _ in result.failed] == ["broken.jpg"]
-    assert result.model == "sscd"
+    assert result.model == "sscd_distilled"  # the demo index is built with the default preset
 
 
 def test_matches_parquet_schema_ranks_and_duplicate_counts(result_and_out, demo_out: Path) -> None:  # type: ignore[no-untyped-def]
@@ -162,7 +162,7 @@ def test_cli_prints_share_flagged(demo_out: Path, generations: Path, tmp_path: P
     assert res.exit_code == 0, res.output
     n = len(PLANTED) + UNRELATED
     share = len(PLANTED) / n
-    assert f"{n} generations · {len(PLANTED)} flagged ({share:.2%}) at sscd similarity ≥ 0.5 · 1 could not be read" in res.output
+    assert f"{n} generations · {len(PLANTED)} flagged ({share:.2%}) at sscd_distilled similarity ≥ 0.5 · 1 could not be read" in res.output
     assert re.search(r"^warning: .*broken\.jpg: ", res.output, re.M)
     assert pl.read_parquet(out / "matches.parquet").height == 2 * n
 
