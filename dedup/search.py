@@ -288,12 +288,8 @@ def region_candidates(
     cands = Candidates.concat(found)
     if not len(cands):
         return cands
-    # the best window per (container, image) pair
-    order = np.lexsort((-cands.score, cands.j, cands.i))
-    i, j, score, window = cands.i[order], cands.j[order], cands.score[order], cands.window[order]
-    first = np.ones(i.size, bool)
-    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
-    return Candidates(rows[i[first]], rows[j[first]], score[first], window[first])
+    keep = best_per_pair(cands.i, cands.j, cands.score)  # the best window per (container, image)
+    return Candidates(rows[cands.i[keep]], rows[cands.j[keep]], cands.score[keep], cands.window[keep])
 
 
 def pdq_variant_edges(
@@ -329,12 +325,15 @@ def pdq_variant_edges(
     return _best_edge(Edges.concat(found))
 
 
+def best_per_pair(i: np.ndarray, j: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Indices that keep, for each (i, j) pair, its highest score; ordered by (i, j)."""
+    order = np.lexsort((-score, j, i))
+    first = np.ones(order.size, bool)
+    first[1:] = (i[order][1:] != i[order][:-1]) | (j[order][1:] != j[order][:-1])
+    return order[first]
+
+
 def _best_edge(edges: Edges) -> Edges:
     """One edge per pair (its best score)."""
-    if not len(edges):
-        return edges
-    order = np.lexsort((-edges.score, edges.j, edges.i))
-    i, j = edges.i[order], edges.j[order]
-    first = np.ones(i.size, bool)
-    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
-    return Edges(i[first], j[first], edges.score[order][first], edges.signal[order][first])
+    keep = best_per_pair(edges.i, edges.j, edges.score)
+    return Edges(edges.i[keep], edges.j[keep], edges.score[keep], edges.signal[keep])

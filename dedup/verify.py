@@ -44,7 +44,7 @@ from dedup.embed import Embedder, build_embedder
 from dedup.errors import MissingDependencyError, SampleError
 from dedup.fingerprint import decode, trim_borders
 from dedup.rows import FeatureRows, as_rows
-from dedup.search import Candidates, Edges, Signal, band_split, embedding_edges, region_candidates
+from dedup.search import Candidates, Edges, Signal, band_split, best_per_pair, embedding_edges, region_candidates
 
 __all__ = ["LocalFeatures", "geometric_inliers", "load_regions", "local_features", "second_look", "verify"]
 
@@ -220,15 +220,10 @@ def _cv2() -> Any:
 
 
 def _best_per_pair(i: np.ndarray, j: np.ndarray, score: np.ndarray, partial: np.ndarray) -> Edges:
-    if not i.size:
-        return Edges.empty()
     lo, hi = np.minimum(i, j), np.maximum(i, j)
-    order = np.lexsort((-score, hi, lo))
-    lo, hi, score, partial = lo[order], hi[order], score[order], partial[order]
-    first = np.ones(lo.size, bool)
-    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
-    signal = np.where(partial[first], int(Signal.PARTIAL), int(Signal.VERIFIED)).astype(np.int8)
-    return Edges(lo[first], hi[first], score[first].astype(np.float32), signal)
+    keep = best_per_pair(lo, hi, score)
+    signal = np.where(partial[keep], int(Signal.PARTIAL), int(Signal.VERIFIED)).astype(np.int8)
+    return Edges(lo[keep], hi[keep], score[keep].astype(np.float32), signal)
 
 
 def load_regions(paths: Sequence[Path]) -> np.ndarray | None:
