@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo test test-fast test-torch bench-e2e clean
+.PHONY: install demo test test-fast test-torch bench-e2e bench-quality clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ test-torch:
 
 bench-e2e: install
 	$(BIN)/python bench/e2e.py
+
+# Detection quality against the peers (issue 3): builds the labelled set from Debian's
+# openclipart-png and wallpaper packages (apt-get download, cached in bench/data/), then runs
+# every dedup preset and each peer that is installed on it and prints the tables.
+bench-quality: install
+	$(BIN)/python bench/quality_data.py --out bench/data/quality
+	$(BIN)/python bench/quality.py --data bench/data/quality
 
 clean:
 	rm -rf $(VENV) .venv-torch demo-out build *.egg-info
