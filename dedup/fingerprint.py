@@ -183,17 +183,25 @@ def fingerprint(
     )
     if cfg.phash:
         features.phash = _phash(img)
+    small: np.ndarray | None = None  # the <= 512 px copy PDQ hashes; trimming measures on it too
     if cfg.pdq and cfg.pdq_dihedral:
-        hashes, quality = pdqhash.compute_dihedral(_pdq_input(img, pixels))
+        small = _pdq_input(img, pixels)
+        hashes, quality = pdqhash.compute_dihedral(small)
         packed = [_pack_bits(h) for h in hashes]
         features.pdq, features.pdq_quality, features.pdq_variants = packed[0], int(quality), b"".join(packed[1:])
     elif cfg.pdq:
-        features.pdq, features.pdq_quality = _pdq(_pdq_input(img, pixels))
-    prepared = prepare(trim_borders(img) if cfg.trim else img) if prepare is not None else None
-    return features, prepared
+        small = _pdq_input(img, pixels)
+        features.pdq, features.pdq_quality = _pdq(small)
+    if prepare is None:
+        return features, None
+    if cfg.trim:
+        img = trim_borders(img, preview=Image.fromarray(small) if small is not None and small is not pixels else None)
+    return features, prepare(img)
 
 
-def trim_borders(img: Image.Image, *, tolerance: int = 24, rounds: int = 3) -> Image.Image:
+def trim_borders(
+    img: Image.Image, *, tolerance: int = 24, rounds: int = 3, preview: Image.Image | None = None
+) -> Image.Image:
     """``img`` without uniform margins (letterbox bars, padding, a clip art's empty canvas).
 
     A border is trimmed when the four corners share one colour (within ``tolerance`` per
@@ -202,8 +210,10 @@ def trim_borders(img: Image.Image, *, tolerance: int = 24, rounds: int = 3) -> I
     white drawing padded with black bars comes down to the drawing, as its unpadded original
     does. Images without such margins (most photos) come back unchanged; so does an image that
     is all margin. The embedding sees the trimmed image; hashes and sizes keep the whole one.
+    ``preview``, a smaller copy of ``img`` already at hand (PDQ's), makes the thumbnail cheaply.
     """
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    rgb = preview if preview is not None else img
+    rgb = rgb if rgb.mode == "RGB" else rgb.convert("RGB")
     thumb = np.asarray(rgb.resize(_fit_within(rgb.size, 128) or rgb.size, Image.Resampling.BILINEAR), np.int16)
     top, left, bottom, right = 0, 0, thumb.shape[0], thumb.shape[1]
     for _ in range(rounds):

@@ -28,7 +28,7 @@ def test_default_is_the_measured_trade_off() -> None:
     the levers that paid for themselves, one worker per core."""
     cfg = load_config("default")
     assert cfg.embed.model is EmbedModel.SSCD_DISTILLED and cfg.embed.regions
-    assert cfg.search.threshold == 0.9 and cfg.search.partial
+    assert cfg.search.threshold == 0.85 and cfg.search.partial and cfg.embed.size == 224
     assert cfg.fingerprint.trim and cfg.fingerprint.pdq_dihedral
     assert cfg.workers == 0
     # the report keeps the paper's levels whatever the preset
