@@ -19,9 +19,9 @@ manifest against brute force on a sample of query rows (most of them members of 
 Prints, per N: wall time, peak RSS of the run, embedding edges, recall, far-below share, and the
 machine load; then, per N, each phase's wall time and peak RSS, which the run reports itself
 (``DEDUP_PHASES=1``: the kernel's high-water mark, reset per phase). The run's peak is the
-largest phase peak. ``wait4``'s ``ru_maxrss`` is kept in the JSON only: Linux starts a child's
-maximum at the RSS its parent had when it forked, so after this process has built 10M vectors
-it says ~12 GiB whatever the run used.
+largest phase peak. ``wait4``'s ``ru_maxrss`` is kept in the JSON only and is not the run's
+peak: Linux starts a child's maximum at the RSS its parent had when it forked (after this process
+has built 10M vectors it said ~12 GiB whatever the run used), and the per-phase resets lower it.
 
     python bench/scale.py                      # N = 100k and 1M
     python bench/scale.py --n 100k --n 1m --n 10m --json bench/out/scale.json
@@ -253,7 +253,7 @@ class Result:
     load_after: str
     exit_code: int
     phases: list[dict[str, float | str]] | None = None
-    peak_rss_wait4_gib: float = float("nan")  # inflated by this process's own RSS at fork time
+    peak_rss_wait4_gib: float = float("nan")  # not the run's peak: see the module docstring
 
 
 def run_cli(data: Path, out: Path, threshold: float, extra: list[str]) -> tuple[float, float, int]:
