@@ -207,7 +207,7 @@ def query(
         MissingDependencyError, ModelError: the index's model cannot be loaded.
     """
     from dedup.embed import build_embedder
-    from dedup.fingerprint import decode
+    from dedup.fingerprint import decode, trim_borders
     from dedup.report.thumbs import make_thumbnail
 
     if top_k < 1:
@@ -243,7 +243,8 @@ def query(
                 failed.append((name, f"cannot read file: {err.strerror or err}"))
             else:
                 names.append(name)
-                batch.append(embedder.preprocess(image))
+                # the index's images were embedded without their uniform margins: so are these
+                batch.append(embedder.preprocess(trim_borders(image) if idx.config.fingerprint.trim else image))
                 if thumbnails:
                     thumb = make_thumbnail(image, thumb_size)
                     if thumb is not None:
