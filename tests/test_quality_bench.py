@@ -203,6 +203,7 @@ def test_main_end_to_end(tmp_path: Path) -> None:
     results.json and the tables."""
     pytest.importorskip("imagehash")
     pytest.importorskip("faiss")
+    pytest.importorskip("immaculate")  # in the dev extra
     import json
 
     import pyarrow.parquet as pq
