@@ -62,8 +62,10 @@ class EmbedConfig:
     # only with this set (--trust-model-code). ONNX and .safetensors files need no trust.
     trust_code: bool = False
     # Region descriptors (dedup.embed.regions) beside each global embedding, for finding
-    # partial copies: free in model time, 29 float16 vectors per image on disk.
+    # partial copies: free in model time; one float16 vector per window on disk (13 windows
+    # at the default scales, 29 with 1/3 added).
     regions: bool = False
+    region_scales: tuple[float, ...] = (5 / 9, 7 / 9)  # window sides, as shares of the image's
 
 
 @dataclass(frozen=True, slots=True)

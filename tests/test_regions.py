@@ -82,11 +82,13 @@ def test_with_outputs_appends_graph_outputs() -> None:
     assert with_outputs(b"M", ["a"]) == b"M" + bytes([0x3A, 5, 0x62, 3, 0x0A, 1]) + b"a"
 
 
-def test_windows_cover_three_scales() -> None:
-    wins = windows(9, 9)
-    assert len(wins) == 29
-    assert {kh for _, _, kh, _ in wins} == {3, 5, 7}
-    assert all(y + kh <= 9 and x + kw <= 9 for y, x, kh, kw in wins)
+def test_windows_per_scale() -> None:
+    wins = windows(9, 9)  # the default scales, 5/9 and 7/9
+    assert len(wins) == 13 and {kh for _, _, kh, _ in wins} == {5, 7}
+    three = windows(9, 9, (1 / 3, 5 / 9, 7 / 9))
+    assert len(three) == 29 and {kh for _, _, kh, _ in three} == {3, 5, 7}
+    assert all(y + kh <= 9 and x + kw <= 9 for y, x, kh, kw in three)
+    assert {kh for _, _, kh, _ in windows(7, 7)} == {4, 5}  # 224 px: a 7 x 7 map
 
 
 def test_pool_regions_of_a_constant_map_equal_the_global() -> None:

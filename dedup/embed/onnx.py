@@ -17,7 +17,7 @@ from PIL import Image
 
 from dedup.config import EmbedConfig, EmbedModel
 from dedup.embed.base import l2_normalize, parse_device
-from dedup.embed.regions import HEADS, Head, pool_regions, with_outputs
+from dedup.embed.regions import HEADS, SCALES, Head, pool_regions, with_outputs
 from dedup.errors import MissingDependencyError, ModelError
 
 if TYPE_CHECKING:
@@ -37,7 +37,13 @@ class OnnxEmbedder:
     """
 
     def __init__(
-        self, name: str, session: onnxruntime.InferenceSession, *, size: int, head: Head | None = None
+        self,
+        name: str,
+        session: onnxruntime.InferenceSession,
+        *,
+        size: int,
+        head: Head | None = None,
+        scales: tuple[float, ...] = SCALES,
     ) -> None:
         self.name = name
         self.size = size
@@ -46,6 +52,7 @@ class OnnxEmbedder:
         self._output = _output_name(session)
         self.dim = _output_dim(session, self._input, self._output, size)
         self._head = head
+        self._scales = tuple(scales)
         self._projection: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -86,7 +93,7 @@ class OnnxEmbedder:
             self._projection = (np.asarray(weight, np.float32), np.asarray(bias, np.float32))
         else:
             vectors, fmap = self._session.run([self._output, head.feature_map], feed)
-        return l2_normalize(vectors), pool_regions(fmap, *self._projection, head)
+        return l2_normalize(vectors), pool_regions(fmap, *self._projection, head, self._scales)
 
     def __repr__(self) -> str:
         return f"OnnxEmbedder(name={self.name!r}, size={self.size}, dim={self.dim}, regions={self.regions})"
@@ -140,7 +147,7 @@ def build_onnx_sscd(cfg: EmbedConfig, *, threads: int | None = None) -> OnnxEmbe
             "or mismatched); check the onnxruntime-gpu install, or set embed.device='cpu'"
         )
     _check_interface(session, path)
-    return OnnxEmbedder(name, session, size=cfg.size, head=head)
+    return OnnxEmbedder(name, session, size=cfg.size, head=head, scales=tuple(cfg.region_scales))
 
 
 def _import_onnxruntime() -> Any:
