@@ -7,7 +7,7 @@ gives a descriptor of one region of the image — R-MAC's idea applied to SSCD's
 extra model cost. A picture pasted into a larger scene (a "Canvas Wall Art Print" mock-up) scores
 about 0.4 against its original with the global descriptor, but about 0.7 with the best window of
 the scene (measured on clip art pasted at 20-60 % of a scene's area: 89 % of pairs above 0.5
-with the windows below, against 1 % of unrelated pairs above 0.36). Region scores propose
+with three scales of windows, against 1 % of unrelated pairs above 0.36). Region scores propose
 partial-copy candidates; they never decide (see :mod:`dedup.verify`).
 
 ONNX Runtime cannot add outputs to a loaded model, and the ``onnx`` package is a heavy
