@@ -120,8 +120,14 @@ def decode(data: bytes, *, max_pixels: int, draft: int | None = None) -> Image.I
     if declared is not None:
         _check_size(*declared, max_pixels=max_pixels)
     try:
-        with _pil_guard():
+        # A GIF's frames can be larger than what _gif_size parsed (its blocks are easy to
+        # damage in ways PIL reads differently), and PIL allocates the first frame while
+        # opening: for GIFs PIL's own check stays on, at our limit (it raises above twice the
+        # value set), so no frame over max_pixels is ever allocated (found by tests/fuzz).
+        with _pil_guard(max(1, max_pixels // 2) if declared is not None else None):
             im = Image.open(io.BytesIO(data), formats=_FORMATS)
+    except Image.DecompressionBombError:
+        raise SampleError(f"GIF frame declares more than fingerprint.max_pixels={max_pixels} pixels") from None
     except UnidentifiedImageError:
         raise SampleError(_unidentified_reason(data)) from None
     except Exception as err:  # corrupt headers raise anything; each is a row
@@ -303,12 +309,13 @@ def _gif_size(data: bytes) -> tuple[int, int] | None:
 
 
 @contextmanager
-def _pil_guard() -> Iterator[None]:
-    """PIL's bomb check off and its warnings silenced for the block; see _PIL_GUARD_LOCK."""
+def _pil_guard(limit: int | None = None) -> Iterator[None]:
+    """PIL's bomb check off (or at ``limit``) and its warnings silenced for the block; see
+    _PIL_GUARD_LOCK."""
     with _PIL_GUARD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
+        Image.MAX_IMAGE_PIXELS = limit
         try:
             yield
         finally:

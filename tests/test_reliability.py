@@ -872,3 +872,25 @@ def test_symlinks_leaving_the_source_are_failed_rows_never_read(tmp_path: Path) 
     assert rows["real.jpg"]["cluster_id"] == rows["inside.jpg"]["cluster_id"]
     assert not [s for s in rows if s.startswith(("loop/", "album/"))]  # linked folders not entered
     assert len(rows) == 12
+
+
+def test_gif_whose_frame_outgrows_the_parsed_header_fails_without_allocating_it() -> None:
+    """A fuzz find (tests/fuzz/regressions/gif-frame-oom.bin, 9 KB): our GIF header walk saw a
+    16 x 16 image, PIL found a 65535 x 65535 frame and allocated 4 GB for it while opening.
+    Run under a 1.5 GB address-space limit: the sample must fail with one line, not crash."""
+    import subprocess
+    import sys
+
+    blob = Path(__file__).parent / "fuzz" / "regressions" / "gif-frame-oom.bin"
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
+        "from dedup.config import FingerprintConfig\n"
+        "from dedup.fingerprint import fingerprint\n"
+        f"data = open({str(blob)!r}, 'rb').read()[1:]  # byte 0 chose the fuzz target\n"
+        "f, _ = fingerprint(data, FingerprintConfig())\n"
+        "print(f.status, f.error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("failed GIF frame declares more than fingerprint.max_pixels"), out.stdout
