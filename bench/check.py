@@ -41,6 +41,7 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from _data import edited_copies, natural_image  # noqa: E402
+from _common import dedup_command  # noqa: E402
 
 DATA_VERSION = 1  # bump when the build changes, so cached data is rebuilt
 DEFAULT_DATA = REPO / "bench" / "data" / "check"
@@ -82,17 +83,6 @@ def build(data: Path, n: int, d: int, *, rebuild: bool = False) -> dict[str, Any
     info = {"params": want, "baseline_copies": n_base, "internal_copies": n_internal}
     marker.write_text(json.dumps(info, indent=2) + "\n")  # last: marks a finished build
     return info
-
-
-def dedup_command() -> list[str]:
-    """The ``dedup`` console script beside this Python, else the one on PATH."""
-    beside = Path(sys.executable).parent / "dedup"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("dedup")
-    if found is None:
-        raise SystemExit("no `dedup` command found; run `pip install -e .` in this repository first")
-    return [found]
 
 
 def timed(args: Sequence[str], *, ok: Sequence[int] = (0,)) -> tuple[float, str]:

@@ -48,6 +48,7 @@ for _p in (REPO / "bench", REPO / "tests"):
 
 from _data import EDIT_NAMES, GroundTruth, heavy_tailed_copies, pairwise_scores, plant_copies, serve_and_download  # noqa: E402
 from realdata import clipart_caption, clipart_jpeg, clipart_name, distinct_originals, fetch_openclipart  # noqa: E402
+from _common import dedup_command  # noqa: E402
 
 DATA_VERSION = 2  # bump when the build changes, so cached data is rebuilt
 DEFAULT_DATA = REPO / "bench" / "data" / "e2e"
@@ -221,17 +222,6 @@ def run_measured(cmd: Sequence[str], log_path: Path) -> RunStats:
             json.loads(report.read_text()) if report.exists() else {"rc": proc.returncode, "maxrss_kib": 0, "cpu": 0.0}
         )
     return RunStats(int(usage["rc"]), wall, usage["maxrss_kib"] / 1024, peak / 1024, float(usage["cpu"]))
-
-
-def dedup_command() -> list[str]:
-    """The ``dedup`` console script beside this Python, else the one on PATH."""
-    beside = Path(sys.executable).parent / "dedup"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("dedup")
-    if found is None:
-        raise SystemExit("no `dedup` command found; run `pip install -e .` in this repository first")
-    return [found]
 
 
 # ------------------------------------------------------------------------------------ scoring

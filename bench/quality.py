@@ -359,7 +359,7 @@ def unavailable(method: Method, idd_reason: str | None, dedup: Sequence[str] | N
     import importlib.util
 
     if method.kind == "dedup" and dedup is None:
-        from e2e import dedup_command
+        from _common import dedup_command
 
         try:
             dedup_command()
@@ -575,7 +575,7 @@ def method_command(
     """The child command for ``method`` (``dedup``: the dedup command, default the console script)."""
     if method.kind == "dedup":
         if dedup is None:
-            from e2e import dedup_command
+            from _common import dedup_command
 
             dedup = dedup_command()
         return [*dedup, "run", str(images), "--out", str(out_dir / "dedup"), "--quiet", *method.args]
