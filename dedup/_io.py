@@ -122,6 +122,17 @@ def atomic_write_with(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
 
 
+def make_out_dir(out_dir: Path) -> Path:
+    """``out_dir``, created if missing; an :class:`OutputError` if it is a file or cannot be made."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} exists and is not a folder; pick another path")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create output folder {out_dir}: {err.strerror}") from None
+    return out_dir
+
+
 def is_temp_name(name: str) -> bool:
     """True for the name of a temp file :func:`atomic_path` leaves behind when killed."""
     return _TEMP_NAME.match(name) is not None

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from dedup import __version__
 from dedup._progress import ProgressFactory, silent
-from dedup._io import atomic_write_text, is_temp_name, output_errors, remove_stale_temps
+from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
 from dedup.cluster import components
 from dedup.config import EmbedModel, RunConfig, save_config
@@ -505,12 +505,7 @@ def _scratch(work_dir: Path | None) -> Iterator[Path]:
 
 
 def _check_out(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"--out {out_dir} exists and is not a folder; pick another path")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output folder {out_dir}: {err.strerror}") from None
+    make_out_dir(out_dir)
     stamp = out_dir / "dedup.json"
     # A run killed before writing its stamp leaves only a temp file (and its lock): still ours.
     if any(p.name not in (WORK_DIR, RUN_LOCK) and not is_temp_name(p.name) for p in out_dir.iterdir()) and not stamp.exists():

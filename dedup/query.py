@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup._progress import ProgressFactory, silent
-from dedup._io import atomic_path, atomic_write_text
+from dedup._io import atomic_path, atomic_write_text, make_out_dir
 from dedup._types import Shard
 from dedup.config import EmbedConfig, RunConfig
-from dedup.errors import ConfigError, OutputError, SampleError, SourceError
+from dedup.errors import ConfigError, SampleError, SourceError
 
 __all__ = ["MATCHES_SCHEMA", "QueryResult", "TrainingIndex", "find_images", "open_index", "query"]
 
@@ -215,7 +215,7 @@ def query(
     prog = progress or silent
     files = find_images(images)
     idx = open_index(index)
-    out_dir = _prepare_out(Path(out))
+    out_dir = make_out_dir(Path(out))
     cfg = idx.embed_config()
     embedder = build_embedder(cfg)
     if embedder is None:
@@ -281,16 +281,6 @@ def query(
     train_thumbs = _training_thumbnails(idx, matches, set(shown), thumb_size) if thumbnails else {}
     atomic_write_text(out_dir / PAGE_FILE, _page(result, shown, gen_thumbs, train_thumbs))
     return result
-
-
-def _prepare_out(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"--out {out_dir} exists and is not a folder; pick another path")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output folder {out_dir}: {err.strerror}") from None
-    return out_dir
 
 
 def _matches_table(names: list[str], scores: np.ndarray, found: np.ndarray, idx: TrainingIndex, flag_at: float) -> pa.Table:
