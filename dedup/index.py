@@ -619,7 +619,7 @@ def add(
         except OSError:  # no hard links there: read them into memory, as small indexes are anyway
             pinned = None  # type: ignore[assignment]
             index = read_index(directory, columns=None, vectors=True)
-        step = FeatureStep(config=speed, out_dir=work_dir / "shards")
+        step = FeatureStep(config=speed, out_dir=work_dir / pipeline.FEATURES)
         try:
             table, vectors, catalog = merge(
                 index, plan, new_table, new_vectors, per_shard,
@@ -636,6 +636,7 @@ def add(
                 progress=prog,
                 shards=[e.shard for e in catalog.shards],
                 catalog=catalog,
+                features_dir=work_dir / pipeline.FEATURES,
             )
         finally:
             if pinned is not None:

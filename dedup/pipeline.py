@@ -71,6 +71,7 @@ class RunResult:
 
 
 WORK_DIR = ".work"
+FEATURES = "shards"  # the per-shard checkpoints, inside a run's work folder
 RUN_LOCK = ".lock"  # flock(2) of OUT while a run writes into it
 PRECOMPUTED = "precomputed"  # the embedding label of runs over precomputed embeddings
 _IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER})
@@ -105,7 +106,15 @@ def run(
         # Writers of OUT/index hold its lock, so a concurrent `dedup check` never reads half of it.
         with index_lock(index_dir(out_dir), exclusive=True):
             return finish(
-                rows, vectors, out_dir, cfg, shard_stats=shard_stats, progress=prog, shards=shards, catalog=catalog
+                rows,
+                vectors,
+                out_dir,
+                cfg,
+                shard_stats=shard_stats,
+                progress=prog,
+                shards=shards,
+                catalog=catalog,
+                features_dir=work / FEATURES,
             )
 
 
@@ -143,7 +152,7 @@ def featurize(
 
     The rows are a ``pa.Table`` in memory, or with ``lazy`` a :class:`~dedup.rows.FeatureRows`
     over the checkpoint files (read a column or a row group at a time)."""
-    features_dir = work / "shards"
+    features_dir = work / FEATURES
     features_dir.mkdir(parents=True, exist_ok=True)
     step = FeatureStep(config=cfg, out_dir=features_dir)
     runner = executor or LocalExecutor(workers=cfg.workers)
@@ -325,6 +334,7 @@ def finish(
     progress: ProgressFactory = silent,
     shards: Sequence[Shard] | None = None,
     catalog: Catalog | None = None,
+    features_dir: Path | None = None,
 ) -> RunResult:
     """The global stages over all features: search, cluster, select, and every output.
 
@@ -333,7 +343,9 @@ def finish(
     group at a time, so the bytes depend on the rows alone, not on where they were read from.
     ``shards`` (the run's) are where report.html reads its few thumbnails back from; when None
     they are rediscovered from the manifest's ``source`` column. ``catalog`` (sources and
-    shards) goes into the index, for ``dedup index add``. Callers hold the index lock.
+    shards) goes into the index, for ``dedup index add``. ``features_dir`` holds the shards'
+    checkpoints (:class:`~dedup.featurize.FeatureStep`'s folder), where the partial-copy search
+    finds their region descriptors. Callers hold the index lock.
     """
     rows = as_rows(table)
     timer = PhaseLog()
@@ -341,8 +353,8 @@ def finish(
     timer.done("search")
     if shards is not None and (cfg.search.verify_from >= 0 or cfg.search.partial):
         # Uncertain and partial-copy candidates, confirmed on the re-read images (dedup.verify).
-        step = FeatureStep(config=cfg, out_dir=out_dir / WORK_DIR / cfg.stage_key() / "shards")
-        regions = load_regions([step.regions_path(s) for s in shards]) if cfg.search.partial else None
+        step = FeatureStep(config=cfg, out_dir=features_dir) if features_dir is not None else None
+        regions = load_regions([step.regions_path(s) for s in shards]) if step and cfg.search.partial else None
         confirmed, second = second_look(rows, vectors, edges, cfg, shards=shards, regions=regions, progress=progress)
         edges = Edges.concat([edges, confirmed])
         shard_stats = {**shard_stats, "second_look": second}

@@ -239,13 +239,11 @@ def pack_uint64(values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=">u8").view(np.uint8).reshape(-1, 8)
 
 
-def band_split(edges: Edges, threshold: float) -> tuple[Edges, Candidates]:
-    """Embedding links at ``>= threshold`` (kept), and the rest as candidates for a second look."""
-    keep = edges.score >= threshold
-    low = ~keep
-    direct = Edges(edges.i[keep], edges.j[keep], edges.score[keep], edges.signal[keep])
-    band = Candidates(edges.i[low], edges.j[low], edges.score[low], np.full(int(low.sum()), -1, np.int16))
-    return direct, band
+def below(edges: Edges, threshold: float) -> Candidates:
+    """The links scoring under ``threshold``, as whole-image candidates for a second look (the
+    ones at or above it are already links)."""
+    low = edges.score < threshold
+    return Candidates(edges.i[low], edges.j[low], edges.score[low], np.full(int(low.sum()), -1, np.int16))
 
 
 def region_candidates(

@@ -44,7 +44,7 @@ from dedup.embed import Embedder, build_embedder
 from dedup.errors import MissingDependencyError, SampleError
 from dedup.fingerprint import decode, trim_borders
 from dedup.rows import FeatureRows, as_rows
-from dedup.search import Candidates, Edges, Signal, band_split, best_per_pair, embedding_edges, region_candidates
+from dedup.search import Candidates, Edges, Signal, below, best_per_pair, embedding_edges, region_candidates
 
 __all__ = ["LocalFeatures", "geometric_inliers", "load_regions", "local_features", "second_look", "verify"]
 
@@ -275,7 +275,7 @@ def second_look(
     if 0 <= search.verify_from < search.threshold:
         with progress("second look: propose", int(rows.size), "vec") as bar:
             band, _ = embedding_edges(vecs, threshold=search.verify_from, rows=rows, block_size=search.block_size, progress=bar.update)
-        parts.append(band_split(band, search.threshold)[1])
+        parts.append(below(band, search.threshold))
     if search.partial and regions is not None and regions.shape[0] == embedded_rows.size:
         with progress("partial copies: propose", int(rows.size), "img") as bar:
             found = region_candidates(

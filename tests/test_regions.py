@@ -181,3 +181,22 @@ def test_geometric_inliers_find_a_pasted_picture_not_a_neighbour() -> None:
     pic, sc, ot = (local_features(i) for i in (picture, scene, other))
     assert geometric_inliers(pic, sc) >= 30
     assert geometric_inliers(pic, ot) < 15
+
+
+def test_band_pairs_are_confirmed_by_the_verify_model(tmp_path: Path) -> None:
+    """The cascade: distilled scores in [verify_from, threshold) are re-embedded with full SSCD
+    and linked as "verified" only at verify_threshold."""
+    src = tmp_path / "images"
+    src.mkdir()
+    picture = _picture(900)
+    picture.save(src / "a.jpg", quality=95)
+    picture.resize((200, 150)).save(src / "b.jpg", quality=40)  # a resized, recompressed copy
+    _picture(901).save(src / "c.jpg", quality=95)
+    base = {"embed.model": "sscd_distilled", "search.threshold": 0.999, "search.pdq_distance": -1, "search.verify_from": 0.5}
+    linked = run([str(src)], tmp_path / "on", config=RunConfig().with_overrides({**base, "search.verify_threshold": 0.7}))
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "on" / "manifest.parquet").to_pylist()}
+    assert rows["a.jpg"]["cluster_id"] == rows["b.jpg"]["cluster_id"] != rows["c.jpg"]["cluster_id"]
+    assert rows["b.jpg"]["signal"] == "verified" and rows["b.jpg"]["similarity"] >= 0.7  # full SSCD: 0.75
+    assert linked.report["shards"]["second_look"]["confirmed"] == 1
+    refused = run([str(src)], tmp_path / "off", config=RunConfig().with_overrides({**base, "search.verify_threshold": 1.01}))
+    assert refused.report["summary"]["duplicate_clusters"] == 0
