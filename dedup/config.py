@@ -28,6 +28,11 @@ class EmbedModel(StrEnum):
     NONE = "none"  # hashes only
 
 
+class Verifier(StrEnum):
+    GEOMETRY = "geometry"  # local features under one homography, then the aligned pixels agree
+    MODEL = "model"  # re-embed both images with search.verify_model (the SSCD cascade)
+
+
 class KeepPolicy(StrEnum):
     FIRST = "first"  # the first sample in input order
     LARGEST = "largest"  # the most pixels; ties go to the first
@@ -87,20 +92,29 @@ class SearchConfig:
     # soft-border width, as a share of the farthest two vectors at the threshold can be apart
     # (0.5 guarantees every pair shares a partition; bench/scale.py measures what 0.08 gives)
     margin: float = 0.08
-    # A second look (dedup.verify): embedding links scoring in [verify_from, threshold) are
-    # re-scored with verify_model on the re-read images and kept at >= verify_threshold.
-    # verify_from < 0 turns it off; it needs the images (not precomputed embeddings).
+    # A second look (dedup.verify) at embedding links scoring in [verify_from, threshold):
+    # verify_by "geometry" re-reads both images and keeps the pair when verify_inliers ORB
+    # matches fit one rotation + scale + shift (else one homography) and, aligned by it, at
+    # least verify_agreement of the overlap's pixels agree (after the best gain and offset:
+    # recoloured copies agree; dedup.verify.confirms); "model" re-embeds
+    # them with verify_model and keeps the pair at >= verify_threshold. verify_from < 0 turns
+    # it off; it needs the images (not precomputed embeddings).
     verify_from: float = -1.0
+    verify_by: Verifier = Verifier.GEOMETRY
+    verify_inliers: int = 12
+    verify_agreement: float = 0.92
+    verify_per_image: int = 0  # band pairs looked at per image (its best ones); 0 = all
     verify_threshold: float = 0.75
     verify_model: EmbedModel = EmbedModel.SSCD
     # Partial copies (an image pasted into a larger one): a region descriptor of one image
     # (embed.regions) scoring >= partial_propose against another's whole image, and beating
     # the two whole images' own score by partial_margin, proposes the pair; the re-read images
-    # must then show partial_inliers local-feature matches under one homography.
+    # must then show partial_inliers local-feature matches under one homography with half the
+    # aligned pixels agreeing (or pass as a global pair would).
     partial: bool = False
     partial_propose: float = 0.5
     partial_margin: float = 0.1
-    partial_inliers: int = 30
+    partial_inliers: int = 40
     partial_top_k: int = 4  # proposals per region descriptor (nearest whole images)
     partial_per_image: int = 2  # proposals verified per containing image (its best ones)
 
@@ -269,5 +283,6 @@ __all__ = [
     "ReportConfig",
     "RunConfig",
     "SearchConfig",
+    "Verifier",
     "load_config",
 ]

@@ -3,24 +3,33 @@
 Two kinds of candidates reach this stage (both proposed by :mod:`dedup.search`):
 
 - **global** pairs whose fast embedding (the distilled SSCD) scored in the band
-  ``[search.verify_from, search.threshold)``: both images are embedded again with
-  ``search.verify_model`` (full SSCD) and the pair is kept at ``search.verify_threshold`` (the
-  cascade the SSCD student was made for). Measured on the bench, the full model separates
-  copies from look-alikes no better than the student does, so no preset turns it on.
+  ``[search.verify_from, search.threshold)``. With ``search.verify_by = "geometry"`` (the
+  default) the pair must align: ``search.verify_inliers`` ORB matches must fit one rotation,
+  scale and shift (or failing that one homography), and once one image is warped onto the
+  other, ``search.verify_agreement`` of the overlap's pixels must agree after the best gain and
+  offset (:func:`confirms`). Crops, pads, captions, rotations and recolourings pass; drawings
+  of one family (puzzle pieces, road signs) share keypoints but not their pixels, and flat
+  images find no keypoints. Each image's ``search.verify_per_image`` best band pairs are
+  looked at. With
+  ``"model"`` both images are embedded again with ``search.verify_model`` (full SSCD) and the
+  pair is kept at ``search.verify_threshold`` (the cascade the SSCD student was made for);
+  measured on the bench, the full model separates copies from look-alikes no better than the
+  student does.
 - **partial** pairs: a region descriptor of image *i* (a window of its feature map, see
   :mod:`dedup.embed.regions`) came close to image *j*'s whole-image embedding. Region scores
   propose but never decide — they lift unrelated pairs too (on the bench, deciding on them cost
   more precision than any recall they bought, and re-embedding the window's crop with full SSCD
   separated no better at 10x the cost). What decides is geometry: *j*'s ORB features must land
-  in *i* under one homography (``search.partial_inliers``), which a pasted, framed, warped
-  picture passes and a different picture on the same kind of background does not.
+  in *i* under one homography (``search.partial_inliers`` of them with half the aligned
+  pixels agreeing, or as many as a global pair needs with as many agreeing), which a pasted,
+  framed, warped picture passes and a different picture on the same kind of background does not.
 
 The pipeline keeps no image bytes, so the images are read back from their shards
 (:func:`dedup.report.thumbs.fetch_images`: only the shards that hold a candidate, each only until
 its last wanted sample), a chunk of rows at a time. A candidate whose image can no longer be
 read (the source moved or changed) is not linked: a second look that cannot look does not
-confirm. Local features of the candidate rows stay in memory (about 40 KB a row) until the
-pairs are checked.
+confirm. Local features of the candidate rows stay in memory until the pairs are checked:
+about 120 KB a row (1,000 ORB descriptors and a 320 px grey copy for the pixel check).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +48,23 @@ from PIL import Image
 from dedup._progress import ProgressFactory, silent
 from dedup._types import Shard
 from dedup.cluster import components
-from dedup.config import RunConfig
+from dedup.config import RunConfig, SearchConfig, Verifier
 from dedup.embed import Embedder, build_embedder
 from dedup.errors import MissingDependencyError, SampleError
 from dedup.fingerprint import decode, trim_borders
 from dedup.rows import FeatureRows, as_rows
 from dedup.search import Candidates, Edges, Signal, below, best_per_pair, embedding_edges, region_candidates
 
-__all__ = ["LocalFeatures", "geometric_inliers", "load_regions", "local_features", "second_look", "verify"]
+__all__ = [
+    "LocalFeatures",
+    "aligned_agreement",
+    "geometric_inliers",
+    "geometric_match",
+    "load_regions",
+    "local_features",
+    "second_look",
+    "verify",
+]
 
 CHUNK_ROWS = 256  # images read (encoded bytes held) at once while verifying
 
@@ -62,11 +80,11 @@ def verify(
 ) -> tuple[Edges, dict[str, int]]:
     """The candidates a second look confirms, as edges, and counts for the report.
 
-    Global candidates (``window < 0``) are re-embedded with ``search.verify_model`` and become
-    :attr:`Signal.VERIFIED` links at ``search.verify_threshold``, scored by that model. Partial
-    ones must show ``search.partial_inliers`` local-feature matches that one homography explains
-    (:func:`geometric_inliers`) and become :attr:`Signal.PARTIAL` links, scored by their
-    proposing region similarity.
+    Global candidates (``window < 0``) become :attr:`Signal.VERIFIED` links, scored by their
+    proposing similarity when geometry confirms them (``search.verify_by = "geometry"``:
+    :func:`geometric_match`), or re-embedded with ``search.verify_model`` and scored by it at
+    ``search.verify_threshold`` (``"model"``). Partial ones must pass :func:`confirms` too and
+    become :attr:`Signal.PARTIAL` links, scored by their proposing region similarity.
     """
     stats = {"candidates": len(candidates), "global": 0, "partial": 0, "confirmed": 0, "unreadable": 0}
     if not len(candidates):
@@ -76,7 +94,8 @@ def verify(
     stats["partial"] = int(is_partial.sum())
     stats["global"] = len(candidates) - stats["partial"]
     model: Embedder | None = None
-    if stats["global"]:
+    by_model = search.verify_by == Verifier.MODEL
+    if stats["global"] and by_model:
         model = embedder or build_embedder(
             replace(cfg.embed, model=search.verify_model, regions=False, model_path=None)
             if cfg.embed.model != search.verify_model
@@ -84,7 +103,8 @@ def verify(
             threads=None,
         )
     embed_rows = set(np.concatenate([candidates.i[~is_partial], candidates.j[~is_partial]]).tolist()) if model else set()
-    local_rows = set(np.concatenate([candidates.i[is_partial], candidates.j[is_partial]]).tolist())
+    by_geometry = is_partial | (not by_model)
+    local_rows = set(np.concatenate([candidates.i[by_geometry], candidates.j[by_geometry]]).tolist())
     rows = np.array(sorted(embed_rows | local_rows), np.int64)
 
     ids = as_rows(table).take(["sample_id", "shard"], rows)
@@ -136,19 +156,26 @@ def verify(
 
     score = np.zeros(len(candidates), np.float32)
     accept = np.zeros(len(candidates), bool)
-    glob = np.flatnonzero(~is_partial)
-    for k in glob.tolist():
-        a, b = whole.get(int(candidates.i[k])), whole.get(int(candidates.j[k]))
-        if a is not None and b is not None:
-            score[k] = float(np.dot(a, b))
-            accept[k] = score[k] >= search.verify_threshold
-    part = np.flatnonzero(is_partial)
-    pairs = [(local.get(int(candidates.j[k])), local.get(int(candidates.i[k]))) for k in part.tolist()]
+    if by_model:
+        for k in np.flatnonzero(~is_partial).tolist():
+            a, b = whole.get(int(candidates.i[k])), whole.get(int(candidates.j[k]))
+            if a is not None and b is not None:
+                score[k] = float(np.dot(a, b))
+                accept[k] = score[k] >= search.verify_threshold
+    checks = np.flatnonzero(by_geometry)
+    pairs = [(local.get(int(candidates.j[k])), local.get(int(candidates.i[k])), bool(is_partial[k])) for k in checks.tolist()]
+
+    def check(pair: tuple[LocalFeatures | None, LocalFeatures | None, bool]) -> bool:
+        query, target, partial = pair
+        if not query or not target:
+            return False
+        return confirms(query, target, search, partial=partial)
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        inliers = list(pool.map(lambda p: geometric_inliers(*p) if p[0] and p[1] else 0, pairs))
-    for k, n_in in zip(part.tolist(), inliers, strict=True):
+        confirmed = list(pool.map(check, pairs))
+    for k, ok in zip(checks.tolist(), confirmed, strict=True):
         score[k] = candidates.score[k]
-        accept[k] = n_in >= search.partial_inliers
+        accept[k] = ok
     # Several windows of one container may propose the same pair: keep the best.
     edges = _best_per_pair(candidates.i[accept], candidates.j[accept], score[accept], is_partial[accept])
     stats["confirmed"] = len(edges)
@@ -157,17 +184,28 @@ def verify(
 
 @dataclass(frozen=True, slots=True)
 class LocalFeatures:
-    """ORB keypoint positions ``(n, 2)`` and binary descriptors ``(n, 32)`` of one image."""
+    """ORB keypoint positions ``(n, 2)`` and binary descriptors ``(n, 32)`` of one image, and
+    the image itself, grey and small (``grey``: ``scale`` of the keypoints' pixel size), for
+    comparing pixels once two images are aligned."""
 
     points: np.ndarray
     descriptors: np.ndarray
+    grey: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
+    scale: float = 1.0
 
     def __bool__(self) -> bool:
         return self.points.shape[0] >= _MIN_MATCHES
 
 
-_LOCAL_SIDE = 640  # images are fitted within this before detecting keypoints
+_LOCAL_SIDE = 512  # images are fitted to this (longest side) before detecting keypoints
+_FAST_THRESHOLD = 10  # ORB's corner contrast (OpenCV's default 20 finds too few in clip art)
 _MIN_MATCHES = 8
+_GREY_SIDE = 320  # aligned pixels are compared at this size (blurred: small shifts do not count)
+_AGREE = 0.1  # two aligned pixels agree within this share of the grey range
+_PARTIAL_AGREEMENT = 0.5  # see confirms()
+# RANSAC's cap (OpenCV's default 2,000): a pair that 500 samples cannot fit is no copy, and the
+# cap bounds the time the many unrelated pairs of a band take
+_RANSAC_ITERATIONS = 500
 
 
 def local_features(img: Image.Image, *, n: int = 1000) -> LocalFeatures:
@@ -178,12 +216,45 @@ def local_features(img: Image.Image, *, n: int = 1000) -> LocalFeatures:
     """
     cv2 = _cv2()
     grey = img.convert("L")
-    grey.thumbnail((_LOCAL_SIDE, _LOCAL_SIDE), Image.Resampling.BILINEAR)
+    fit = _LOCAL_SIDE / max(grey.size)  # small drawings are enlarged: ORB finds few corners in them
+    if fit != 1:
+        grey = grey.resize((max(1, round(grey.width * fit)), max(1, round(grey.height * fit))), Image.Resampling.BILINEAR)
     arr = np.asarray(grey)
-    keypoints, descriptors = cv2.ORB_create(nfeatures=n).detectAndCompute(arr, None)
+    scale = min(1.0, _GREY_SIDE / max(arr.shape))
+    small = cv2.resize(arr, (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+    keypoints, descriptors = cv2.ORB_create(nfeatures=n, fastThreshold=_FAST_THRESHOLD).detectAndCompute(arr, None)
     if descriptors is None or not keypoints:
-        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
-    return LocalFeatures(np.float32([k.pt for k in keypoints]), descriptors)
+        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), small, scale)
+    return LocalFeatures(np.float32([k.pt for k in keypoints]), descriptors, small, scale)
+
+
+def _matches(query: LocalFeatures, target: LocalFeatures, ratio: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Points of ``query``'s features whose nearest ``target`` descriptor (Hamming) passes Lowe's
+    ratio test against the second nearest, and of those nearest ones; None under 8 matches."""
+    cv2 = _cv2()
+    if not query or not target:
+        return None
+    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query.descriptors, target.descriptors, k=2)
+    good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < ratio * m[1].distance]
+    if len(good) < _MIN_MATCHES:
+        return None
+    return query.points[[m.queryIdx for m in good]], target.points[[m.trainIdx for m in good]]
+
+
+def _fit(src: np.ndarray, dst: np.ndarray, *, similarity: bool) -> tuple[np.ndarray | None, int]:
+    """The transform RANSAC (6 px) fits from ``src`` to ``dst`` as a 3x3 matrix, and its inliers:
+    a homography, or with ``similarity`` a rotation, scale and shift only (which cannot fold a
+    copy onto a line, as a homography fitted to a few clustered matches can)."""
+    cv2 = _cv2()
+    cv2.setRNGSeed(0)  # RANSAC samples at random: same pair, same answer (byte-identical runs)
+    if similarity:
+        h, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=6.0, maxIters=_RANSAC_ITERATIONS)
+        h = np.vstack([h, [0.0, 0.0, 1.0]]) if h is not None else None
+    else:
+        h, mask = cv2.findHomography(src, dst, cv2.RANSAC, 6.0, maxIters=_RANSAC_ITERATIONS)
+    if h is None or mask is None:
+        return None, 0
+    return h, int(mask.sum())
 
 
 def geometric_inliers(query: LocalFeatures, target: LocalFeatures, *, ratio: float = 0.75) -> int:
@@ -194,18 +265,82 @@ def geometric_inliers(query: LocalFeatures, target: LocalFeatures, *, ratio: flo
     warped, framed or partly covered, keeps dozens of inliers; a different picture on the same
     kind of background keeps almost none.
     """
+    found = _matches(query, target, ratio)
+    return _fit(*found, similarity=False)[1] if found is not None else 0
+
+
+def geometric_match(query: LocalFeatures, target: LocalFeatures, *, ratio: float = 0.75, similarity: bool = False) -> tuple[int, float]:
+    """``query``'s inliers in ``target`` under one homography (as :func:`geometric_inliers`),
+    and how well the two agree once aligned by it (:func:`aligned_agreement`; 0 without one)."""
+    found = _matches(query, target, ratio)
+    return _aligned(query, target, found, similarity=similarity) if found is not None else (0, 0.0)
+
+
+def _aligned(query: LocalFeatures, target: LocalFeatures, found: tuple[np.ndarray, np.ndarray], *, similarity: bool) -> tuple[int, float]:
+    h, inliers = _fit(*found, similarity=similarity)
+    if h is None:
+        return 0, 0.0
+    # Either image may be the crop of the other: the smaller overlap is judged both ways.
+    agreement = aligned_agreement(query, target, h)
+    try:
+        back = np.linalg.inv(h)
+    except np.linalg.LinAlgError:
+        return inliers, agreement
+    return inliers, max(agreement, aligned_agreement(target, query, back))
+
+
+def aligned_agreement(query: LocalFeatures, target: LocalFeatures, homography: np.ndarray) -> float:
+    """The share of the overlap where ``query``, warped onto ``target`` by ``homography`` (from
+    keypoint to keypoint pixels), has the brightness of ``target`` within 10 % of the grey range,
+    once the best gain and offset (least squares) maps one onto the other.
+
+    Keypoints say two images share corners; this says they share their pixels. A crop, a
+    padded or captioned copy agrees almost everywhere (a caption bar is outside the overlap,
+    text over the picture costs its own area); two puzzle pieces or road signs of one family
+    share their outline's corners but not the pixels between them. A negative gain (an
+    inverted image) or an overlap under 64 pixels agrees nowhere.
+    """
     cv2 = _cv2()
-    if not query or not target:
-        return 0
-    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query.descriptors, target.descriptors, k=2)
-    good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < ratio * m[1].distance]
-    if len(good) < _MIN_MATCHES:
-        return 0
-    src = query.points[[m.queryIdx for m in good]]
-    dst = target.points[[m.trainIdx for m in good]]
-    cv2.setRNGSeed(0)  # RANSAC samples at random: same pair, same answer (byte-identical runs)
-    _, mask = cv2.findHomography(src, dst, cv2.RANSAC, 6.0)
-    return int(mask.sum()) if mask is not None else 0
+    q, t = query.grey, target.grey
+    if q.size == 0 or t.size == 0:
+        return 0.0
+    to_small = np.diag([target.scale, target.scale, 1.0]) @ homography @ np.diag([1 / query.scale, 1 / query.scale, 1.0])
+    qb = cv2.GaussianBlur(q.astype(np.float32), (3, 3), 0)
+    tb = cv2.GaussianBlur(t.astype(np.float32), (3, 3), 0)
+    warped = cv2.warpPerspective(qb, to_small, (t.shape[1], t.shape[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=-1.0)
+    overlap = warped >= 0
+    if int(overlap.sum()) < 64:
+        return 0.0
+    x, y = warped[overlap] / 255.0, tb[overlap] / 255.0
+    xc, yc = x - x.mean(), y - y.mean()
+    var = float(np.dot(xc, xc))
+    gain = float(np.dot(xc, yc)) / var if var > 0 else 0.0  # least squares y ~ gain * x + offset
+    if gain <= 0.2:  # flat (a constant fits as well as anything) or inverted
+        return 0.0
+    return float((np.abs(gain * xc - yc) < _AGREE).mean())
+
+
+def confirms(query: LocalFeatures, target: LocalFeatures, search: SearchConfig, *, partial: bool) -> bool:
+    """Whether geometry confirms that ``query`` and ``target`` show one picture.
+
+    A copy of the whole image (a crop, pad, caption, rotation, recolouring) is one rotation,
+    scale and shift away from its original; a picture in a scene (``partial``) or a warped
+    print is a full homography away, which is tried when the simpler model fails. Either way
+    ``search.verify_inliers`` matches must fit the transform and ``search.verify_agreement`` of
+    the aligned overlap must agree (:func:`aligned_agreement`). A partial candidate also passes
+    on ``search.partial_inliers`` matches when half its overlap agrees: a mock-up's shading
+    and perspective disturb its pixels more than a copy's.
+    """
+    found = _matches(query, target, 0.75)
+    if found is None or found[0].shape[0] < min(search.verify_inliers, search.partial_inliers if partial else 1 << 30):
+        return False  # fewer matches than the inliers asked for
+    for similarity in (False,) if partial else (True, False):
+        inliers, agreement = _aligned(query, target, found, similarity=similarity)
+        if inliers >= search.verify_inliers and agreement >= search.verify_agreement:
+            return True
+        if partial and inliers >= search.partial_inliers and agreement >= _PARTIAL_AGREEMENT:
+            return True
+    return False
 
 
 def _cv2() -> Any:
@@ -213,9 +348,13 @@ def _cv2() -> Any:
         import cv2
     except ImportError:
         raise MissingDependencyError(
-            "finding partial copies needs OpenCV, which is not installed; "
+            "the second look (partial copies, geometric verification) needs OpenCV, which is not installed; "
             "install it with: pip install opencv-python-headless"
         ) from None
+    if cv2.getNumThreads() != 1:
+        # Pairs are checked on a thread per core already; OpenCV's own threads inside each
+        # small call only add contention (measured: a fifth more CPU time, no less wall time).
+        cv2.setNumThreads(1)
     return cv2
 
 
@@ -272,10 +411,13 @@ def second_look(
     rows = embedded_rows[use]
     vecs = np.asarray(vectors, np.float32)[use]
     parts: list[Candidates] = []
+    labels = components(rows_of.num_rows, direct)
     if 0 <= search.verify_from < search.threshold:
         with progress("second look: propose", int(rows.size), "vec") as bar:
             band, _ = embedding_edges(vecs, threshold=search.verify_from, rows=rows, block_size=search.block_size, progress=bar.update)
-        parts.append(below(band, search.threshold))
+        band_cands = below(band, search.threshold)
+        band_cands = _fresh(band_cands, labels)
+        parts.append(_top_per_image(band_cands, search.verify_per_image))
     if search.partial and regions is not None and regions.shape[0] == embedded_rows.size:
         with progress("partial copies: propose", int(rows.size), "img") as bar:
             found = region_candidates(
@@ -283,15 +425,37 @@ def second_look(
             )
         parts.append(_best_proposals(found, vecs, rows, margin=search.partial_margin, per_image=search.partial_per_image))
     cands = Candidates.concat(parts)
-    if len(cands):
-        # pairs the direct links already join need no second look
-        labels = components(rows_of.num_rows, direct)
-        fresh = labels[cands.i] != labels[cands.j]
-        cands = Candidates(cands.i[fresh], cands.j[fresh], cands.score[fresh], cands.window[fresh])
+    cands = _fresh(cands, labels)  # pairs the direct links already join need no second look
     if not len(cands):
         return Edges.empty(), stats
     with progress("second look: verify", int(np.unique(np.concatenate([cands.i, cands.j])).size), "img") as bar:
         return verify(rows_of, cands, cfg, shards=shards, progress=bar.update)
+
+
+def _fresh(cands: Candidates, labels: np.ndarray) -> Candidates:
+    """The candidates whose two rows are not yet in one component."""
+    keep = labels[cands.i] != labels[cands.j]
+    return Candidates(cands.i[keep], cands.j[keep], cands.score[keep], cands.window[keep])
+
+
+def _top_per_image(cands: Candidates, per_image: int) -> Candidates:
+    """Each pair that is among the ``per_image`` best of either of its two images (all with
+    ``per_image`` <= 0). A copy's own original is nearly always among its first few band
+    neighbours; the rest of a look-alike crowd (a family of clip art) need not be looked at."""
+    if per_image <= 0 or not len(cands):
+        return cands
+    order = np.argsort(-cands.score, kind="stable")
+    ends = np.concatenate([cands.i[order], cands.j[order]])
+    # rank of each pair among the pairs of each of its ends, best first
+    by_end = np.lexsort((np.tile(np.arange(order.size), 2), ends))
+    sorted_ends = ends[by_end]
+    start = np.r_[0, np.flatnonzero(sorted_ends[1:] != sorted_ends[:-1]) + 1]
+    rank_sorted = np.arange(ends.size) - np.repeat(start, np.diff(np.r_[start, ends.size]))
+    rank = np.empty(ends.size, np.int64)
+    rank[by_end] = rank_sorted
+    best = np.minimum(rank[: order.size], rank[order.size :]) < per_image
+    keep = np.sort(order[best])
+    return Candidates(cands.i[keep], cands.j[keep], cands.score[keep], cands.window[keep])
 
 
 def _best_proposals(cands: Candidates, vecs: np.ndarray, rows: np.ndarray, *, margin: float, per_image: int) -> Candidates:

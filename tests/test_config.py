@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dedup.config import PRESETS, EmbedModel, KeepPolicy, RunConfig, load_config
+from dedup.config import PRESETS, EmbedModel, KeepPolicy, RunConfig, Verifier, load_config
 from dedup.errors import ConfigError
 
 
@@ -28,7 +28,10 @@ def test_default_is_the_measured_trade_off() -> None:
     the levers that paid for themselves, one worker per core."""
     cfg = load_config("default")
     assert cfg.embed.model is EmbedModel.SSCD_DISTILLED and cfg.embed.regions
-    assert cfg.search.threshold == 0.85 and cfg.search.partial and cfg.embed.size == 224
+    assert cfg.search.threshold == 0.9 and cfg.search.partial and cfg.embed.size == 224
+    # below the threshold, a band of pairs is linked only when geometry confirms them
+    assert cfg.search.verify_from == 0.5 and cfg.search.verify_by is Verifier.GEOMETRY
+    assert cfg.search.verify_per_image == 6
     assert cfg.fingerprint.trim and cfg.fingerprint.pdq_dihedral
     assert cfg.workers == 0
     # the report keeps the paper's levels whatever the preset

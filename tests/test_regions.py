@@ -16,7 +16,8 @@ from dedup.embed.regions import HEADS, pool_regions, windows, with_outputs
 from dedup.fingerprint import fingerprint
 from dedup.pipeline import run
 from dedup.search import Signal, pdq_variant_edges, region_candidates
-from dedup.verify import geometric_inliers, local_features
+from dedup.search import Candidates
+from dedup.verify import _top_per_image, aligned_agreement, confirms, geometric_inliers, geometric_match, local_features
 
 MODELS = [EmbedModel.SSCD_DISTILLED, EmbedModel.SSCD]
 
@@ -192,7 +193,13 @@ def test_band_pairs_are_confirmed_by_the_verify_model(tmp_path: Path) -> None:
     picture.save(src / "a.jpg", quality=95)
     picture.resize((200, 150)).save(src / "b.jpg", quality=40)  # a resized, recompressed copy
     _picture(901).save(src / "c.jpg", quality=95)
-    base = {"embed.model": "sscd_distilled", "search.threshold": 0.999, "search.pdq_distance": -1, "search.verify_from": 0.5}
+    base = {
+        "embed.model": "sscd_distilled",
+        "search.threshold": 0.999,
+        "search.pdq_distance": -1,
+        "search.verify_from": 0.5,
+        "search.verify_by": "model",
+    }
     linked = run([str(src)], tmp_path / "on", config=RunConfig().with_overrides({**base, "search.verify_threshold": 0.7}))
     rows = {r["key"]: r for r in pq.read_table(tmp_path / "on" / "manifest.parquet").to_pylist()}
     assert rows["a.jpg"]["cluster_id"] == rows["b.jpg"]["cluster_id"] != rows["c.jpg"]["cluster_id"]
@@ -200,3 +207,104 @@ def test_band_pairs_are_confirmed_by_the_verify_model(tmp_path: Path) -> None:
     assert linked.report["shards"]["second_look"]["confirmed"] == 1
     refused = run([str(src)], tmp_path / "off", config=RunConfig().with_overrides({**base, "search.verify_threshold": 1.01}))
     assert refused.report["summary"]["duplicate_clusters"] == 0
+
+
+def _copies(picture: Image.Image) -> dict[str, Image.Image]:
+    """Whole-image copies a curator meets, each one rotation / scale / shift from ``picture``."""
+    w, h = picture.size
+    captioned = ImageOps.expand(picture, border=(0, 0, 0, h // 5), fill=(255, 255, 255))  # a caption bar
+    draw = ImageDraw.Draw(captioned)
+    draw.text((10, h + 10), "ORIGINAL CANVAS PRINT", fill=(0, 0, 0))
+    draw.text((w // 3, h // 10), "meme", fill=(255, 255, 255))  # and a word over the picture
+    return {
+        "crop": picture.crop((int(w * 0.15), int(h * 0.1), int(w * 0.9), int(h * 0.95))),
+        "rotated": picture.rotate(8, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(0, 0, 0)),
+        "captioned": captioned,
+        "recoloured": Image.eval(picture, lambda v: int(v * 0.7 + 40)),
+        "resized": picture.resize((w * 2 // 3, h * 2 // 3)),
+    }
+
+
+def _lookalike(seed: int, other: int) -> tuple[Image.Image, Image.Image]:
+    """Two members of one family: the same frame around different pictures (a road sign with
+    another pictogram). They share every corner of the frame, and none of the inside."""
+    frame = _picture(seed, (320, 240))
+    a, b = frame.copy(), frame.copy()
+    a.paste(_picture(other, (200, 150)), (60, 45))
+    b.paste(_picture(other + 1, (200, 150)), (60, 45))
+    return a, b
+
+
+@pytest.mark.parametrize("edit", ["crop", "rotated", "captioned", "recoloured", "resized"])
+def test_geometry_confirms_whole_image_copies(edit: str) -> None:
+    search = RunConfig().search
+    picture = _picture(31)
+    copy = _copies(picture)[edit]
+    assert confirms(local_features(copy), local_features(picture), search, partial=False)
+    assert confirms(local_features(picture), local_features(copy), search, partial=False)
+
+
+def test_geometry_refuses_a_family_lookalike_that_shares_corners() -> None:
+    """The frame alone gives the pair enough matched corners; the pixels inside disagree."""
+    search = RunConfig().search
+    a, b = _lookalike(40, 41)
+    fa, fb = local_features(a), local_features(b)
+    inliers, agreement = geometric_match(fa, fb)
+    assert inliers >= search.verify_inliers  # what inliers alone would have accepted
+    assert agreement < search.verify_agreement
+    assert not confirms(fa, fb, search, partial=False)
+
+
+def test_aligned_agreement_on_itself_inverted_and_flat() -> None:
+    picture = local_features(_picture(50))
+    assert aligned_agreement(picture, picture, np.eye(3)) > 0.99
+    inverted = local_features(ImageOps.invert(_picture(50)))
+    assert aligned_agreement(inverted, picture, np.eye(3)) == 0.0  # a negative gain agrees nowhere
+    flat = local_features(Image.new("RGB", (320, 240), (128, 128, 128)))
+    assert not flat  # no corners: nothing to match
+    assert aligned_agreement(flat, picture, np.eye(3)) == 0.0  # a constant fits nothing
+
+
+def test_band_candidates_keep_each_images_best() -> None:
+    # image 0 has four band neighbours; 5-6 is a pair of its own
+    c = Candidates(
+        np.array([0, 0, 0, 0, 5]),
+        np.array([1, 2, 3, 4, 6]),
+        np.array([0.6, 0.8, 0.7, 0.55, 0.5], np.float32),
+        np.full(5, -1, np.int16),
+    )
+    kept = _top_per_image(c, 2)
+    # 0-2 and 0-3 are 0's best two; 0-1 and 0-4 are still the best of 1 and of 4; 5-6 stays
+    assert sorted(zip(kept.j.tolist(), kept.score.tolist())) == sorted(zip([1, 2, 3, 4, 6], c.score.tolist()))
+    crowd = Candidates(np.zeros(4, np.int64), np.array([1, 2, 3, 4]), np.array([0.9, 0.8, 0.7, 0.6], np.float32), np.full(4, -1, np.int16))
+    crowd = Candidates.concat([crowd, Candidates(np.array([1, 1, 1]), np.array([2, 3, 4]), np.array([0.95, 0.94, 0.93], np.float32), np.full(3, -1, np.int16))])
+    kept = _top_per_image(crowd, 1)
+    # 1-2 is the best of 1 and 2; 0-1 the best of 0; 1-3 / 1-4 the best of 3 and of 4
+    assert sorted(zip(kept.i.tolist(), kept.j.tolist())) == [(0, 1), (1, 2), (1, 3), (1, 4)]
+    assert len(_top_per_image(crowd, 0)) == len(crowd)
+
+
+def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path) -> None:
+    """The default second look: a crop and a rotated copy below the threshold are linked as
+    "verified"; a look-alike of the same family scoring as high is not."""
+    src = tmp_path / "images"
+    src.mkdir()
+    picture = _picture(700)
+    picture.save(src / "a.jpg", quality=95)
+    copies = _copies(picture)
+    copies["crop"].save(src / "crop.jpg", quality=80)
+    copies["rotated"].save(src / "rotated.jpg", quality=80)
+    one, two = _lookalike(710, 711)
+    one.save(src / "family1.jpg", quality=95)
+    two.save(src / "family2.jpg", quality=95)
+    cfg = RunConfig().with_overrides(
+        {"embed.model": "sscd_distilled", "search.threshold": 0.999, "search.pdq_distance": -1, "search.exact": False, "search.verify_from": 0.0}
+    )
+    result = run([str(src)], tmp_path / "out", config=cfg)
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    assert rows["crop.jpg"]["cluster_id"] == rows["rotated.jpg"]["cluster_id"] == rows["a.jpg"]["cluster_id"]
+    assert rows["crop.jpg"]["signal"] == rows["rotated.jpg"]["signal"] == "verified"
+    assert rows["family1.jpg"]["cluster_id"] != rows["family2.jpg"]["cluster_id"]
+    assert rows["family1.jpg"]["cluster_size"] == 1 and rows["family2.jpg"]["cluster_size"] == 1
+    # a-crop, a-rotated and crop-rotated: all ten pairs were candidates (verify_from 0)
+    assert result.report["shards"]["second_look"]["confirmed"] == 3
