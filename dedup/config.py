@@ -102,7 +102,7 @@ class SearchConfig:
     verify_from: float = -1.0
     verify_by: Verifier = Verifier.GEOMETRY
     verify_inliers: int = 12
-    verify_agreement: float = 0.92
+    verify_agreement: float = 0.94
     verify_per_image: int = 0  # band pairs looked at per image (its best ones); 0 = all
     verify_threshold: float = 0.75
     verify_model: EmbedModel = EmbedModel.SSCD

@@ -202,6 +202,7 @@ _FAST_THRESHOLD = 10  # ORB's corner contrast (OpenCV's default 20 finds too few
 _MIN_MATCHES = 8
 _GREY_SIDE = 320  # aligned pixels are compared at this size (blurred: small shifts do not count)
 _AGREE = 0.1  # two aligned pixels agree within this share of the grey range
+_OPENING = np.ones((3, 3), np.uint8)  # see aligned_agreement()
 _PARTIAL_AGREEMENT = 0.5  # see confirms()
 # RANSAC's cap (OpenCV's default 2,000): a pair that 500 samples cannot fit is no copy, and the
 # cap bounds the time the many unrelated pairs of a band take
@@ -296,9 +297,9 @@ def aligned_agreement(query: LocalFeatures, target: LocalFeatures, homography: n
 
     Keypoints say two images share corners; this says they share their pixels. A crop, a
     padded or captioned copy agrees almost everywhere (a caption bar is outside the overlap,
-    text over the picture costs its own area); two puzzle pieces or road signs of one family
-    share their outline's corners but not the pixels between them. A negative gain (an
-    inverted image) or an overlap under 64 pixels agrees nowhere.
+    thin text over the picture is forgiven, bold text costs its area); two puzzle pieces or
+    road signs of one family share their outline's corners but not the pixels between them.
+    A negative gain (an inverted image) or an overlap under 64 pixels agrees nowhere.
     """
     cv2 = _cv2()
     q, t = query.grey, target.grey
@@ -317,7 +318,13 @@ def aligned_agreement(query: LocalFeatures, target: LocalFeatures, homography: n
     gain = float(np.dot(xc, yc)) / var if var > 0 else 0.0  # least squares y ~ gain * x + offset
     if gain <= 0.2:  # flat (a constant fits as well as anything) or inverted
         return 0.0
-    return float((np.abs(gain * xc - yc) < _AGREE).mean())
+    # Disagreement thinner than the opening's 3 px (at the comparison size) is forgiven: the
+    # strokes of overlaid text and watermarks, edges shifted by a pixel. A different pictogram
+    # or a missing puzzle knob is a blob, which stays.
+    differs = np.zeros(t.shape, np.uint8)
+    differs[overlap] = np.abs(gain * xc - yc) >= _AGREE
+    differs = cv2.morphologyEx(differs, cv2.MORPH_OPEN, _OPENING)
+    return 1.0 - float(differs[overlap].mean())
 
 
 def confirms(query: LocalFeatures, target: LocalFeatures, search: SearchConfig, *, partial: bool) -> bool:
