@@ -77,8 +77,14 @@ def verify(
     shards: Sequence[Shard],
     progress: Callable[[int], object] | None = None,
     embedder: Embedder | None = None,
+    joined: np.ndarray | None = None,
 ) -> tuple[Edges, dict[str, int]]:
     """The candidates a second look confirms, as edges, and counts for the report.
+
+    ``joined`` (a component label per row, from the links already made) lets the geometric
+    checks run best score first, a block at a time, skipping the pairs that earlier
+    confirmations have already joined: the components come out the same, for a fifth fewer
+    checks on the bench (a large group's copies are joined long before its last pairs).
 
     Global candidates (``window < 0``) become :attr:`Signal.VERIFIED` links, scored by their
     proposing similarity when geometry confirms them (``search.verify_by = "geometry"``:
@@ -163,7 +169,6 @@ def verify(
                 score[k] = float(np.dot(a, b))
                 accept[k] = score[k] >= search.verify_threshold
     checks = np.flatnonzero(by_geometry)
-    pairs = [(local.get(int(candidates.j[k])), local.get(int(candidates.i[k])), bool(is_partial[k])) for k in checks.tolist()]
 
     def check(pair: tuple[LocalFeatures | None, LocalFeatures | None, bool]) -> bool:
         query, target, partial = pair
@@ -171,11 +176,32 @@ def verify(
             return False
         return confirms(query, target, search, partial=partial)
 
+    checks = checks[np.argsort(-candidates.score[checks], kind="stable")]
+    pairs = [(local.get(int(candidates.j[k])), local.get(int(candidates.i[k])), bool(is_partial[k])) for k in checks.tolist()]
+    parent = {} if joined is not None else None
+
+    def root(x: int) -> int:
+        assert parent is not None
+        while (up := parent.get(x, x)) != x:
+            parent[x] = parent.get(up, up)  # path halving
+            x = up
+        return x
+
+    stats["checked"] = 0
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        confirmed = list(pool.map(check, pairs))
-    for k, ok in zip(checks.tolist(), confirmed, strict=True):
-        score[k] = candidates.score[k]
-        accept[k] = ok
+        for start in range(0, checks.size, _CHECK_BLOCK):
+            block = list(range(start, min(start + _CHECK_BLOCK, checks.size)))
+            if joined is not None:
+                block = [b for b in block if root(int(joined[candidates.i[checks[b]]])) != root(int(joined[candidates.j[checks[b]]]))]
+            stats["checked"] += len(block)
+            for b, ok in zip(block, pool.map(lambda b: check(pairs[b]), block), strict=True):
+                k = int(checks[b])
+                score[k] = candidates.score[k]
+                accept[k] = ok
+                if ok and parent is not None and joined is not None:
+                    ri, rj = root(int(joined[candidates.i[k]])), root(int(joined[candidates.j[k]]))
+                    if ri != rj:
+                        parent[ri] = rj
     # Several windows of one container may propose the same pair: keep the best.
     edges = _best_per_pair(candidates.i[accept], candidates.j[accept], score[accept], is_partial[accept])
     stats["confirmed"] = len(edges)
@@ -203,6 +229,7 @@ _MIN_MATCHES = 8
 _GREY_SIDE = 320  # aligned pixels are compared at this size (blurred: small shifts do not count)
 _AGREE = 0.1  # two aligned pixels agree within this share of the grey range
 _OPENING = np.ones((3, 3), np.uint8)  # see aligned_agreement()
+_CHECK_BLOCK = 256  # pairs checked between two updates of what is joined (see verify())
 _PARTIAL_AGREEMENT = 0.5  # see confirms()
 # RANSAC's cap (OpenCV's default 2,000): a pair that 500 samples cannot fit is no copy, and the
 # cap bounds the time the many unrelated pairs of a band take
@@ -436,7 +463,7 @@ def second_look(
     if not len(cands):
         return Edges.empty(), stats
     with progress("second look: verify", int(np.unique(np.concatenate([cands.i, cands.j])).size), "img") as bar:
-        return verify(rows_of, cands, cfg, shards=shards, progress=bar.update)
+        return verify(rows_of, cands, cfg, shards=shards, progress=bar.update, joined=labels)
 
 
 def _fresh(cands: Candidates, labels: np.ndarray) -> Candidates:

@@ -284,7 +284,7 @@ def test_band_candidates_keep_each_images_best() -> None:
     assert len(_top_per_image(crowd, 0)) == len(crowd)
 
 
-def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path) -> None:
+def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default second look: a crop and a rotated copy below the threshold are linked as
     "verified"; a look-alike of the same family scoring as high is not."""
     src = tmp_path / "images"
@@ -308,3 +308,15 @@ def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path) -> None:
     assert rows["family1.jpg"]["cluster_size"] == 1 and rows["family2.jpg"]["cluster_size"] == 1
     # a-crop, a-rotated and crop-rotated: all ten pairs were candidates (verify_from 0)
     assert result.report["shards"]["second_look"]["confirmed"] == 3
+    assert result.report["shards"]["second_look"]["checked"] == 10
+
+    # One pair a block: once a-crop and a-rotated are confirmed, crop-rotated is not checked,
+    # and the clusters come out the same.
+    import dedup.verify
+
+    monkeypatch.setattr(dedup.verify, "_CHECK_BLOCK", 1)
+    again = run([str(src)], tmp_path / "again", config=cfg)
+    assert again.report["shards"]["second_look"]["checked"] < 10
+    assert again.report["shards"]["second_look"]["confirmed"] == 2
+    rows_again = {r["key"]: r["cluster_id"] for r in pq.read_table(tmp_path / "again" / "manifest.parquet").to_pylist()}
+    assert rows_again == {k: r["cluster_id"] for k, r in rows.items()}
