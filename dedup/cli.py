@@ -82,7 +82,7 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; rerunning into it resumes.")],
     preset: Annotated[str, typer.Option(help="Bundled preset: default, strict, aggressive, ci.")] = "default",
     config: Annotated[Path | None, typer.Option(help="A TOML config file (overrides --preset).", exists=False)] = None,
-    threshold: Annotated[float | None, typer.Option(help="Embedding similarity to call a duplicate (default 0.95: SSCD's duplicate level in the paper).", min=-1.0, max=1.0)] = None,
+    threshold: Annotated[float | None, typer.Option(help="Embedding similarity that links two images directly (the preset's: default 0.9, strict 0.95 = the paper's duplicate level). Pairs below it, down to the preset's search.verify_from, are linked only when their re-read images align.", min=-1.0, max=1.0)] = None,
     model: Annotated[EmbedModel | None, typer.Option(help="Embedding model.")] = None,
     model_path: Annotated[str | None, typer.Option(help="Model file for sscd-torchscript / clip, or your own ONNX export.")] = None,
     pdq_distance: Annotated[int | None, typer.Option(help="Max PDQ Hamming distance (-1: off).")] = None,

@@ -28,8 +28,8 @@ class Signal(IntEnum):
     PHASH = 4
     URL = 5
     CAPTION = 6
-    VERIFIED = 7  # an embedding link below the threshold, confirmed by the full model
-    PARTIAL = 8  # a region of one image holds the other (confirmed by the full model)
+    VERIFIED = 7  # an embedding link below the threshold, confirmed by a second look (geometry, or the full model)
+    PARTIAL = 8  # a region of one image holds the other (confirmed by geometry)
 
     @property
     def label(self) -> str:
