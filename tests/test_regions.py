@@ -320,3 +320,25 @@ def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path, monkeypatch: pytes
     assert again.report["shards"]["second_look"]["confirmed"] == 2
     rows_again = {r["key"]: r["cluster_id"] for r in pq.read_table(tmp_path / "again" / "manifest.parquet").to_pylist()}
     assert rows_again == {k: r["cluster_id"] for k, r in rows.items()}
+
+
+def test_second_look_is_deterministic(tmp_path: Path) -> None:
+    """The default preset's threaded geometric checks give byte-identical manifests run after run."""
+    from dedup.config import load_config
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for s in range(3):
+        picture = _picture(800 + s)
+        picture.save(src / f"p{s}.jpg", quality=95)
+        for name, copy in _copies(picture).items():
+            copy.save(src / f"p{s}-{name}.jpg", quality=85)
+        _scene(picture, 820 + s).save(src / f"p{s}-mockup.jpg", quality=88)
+    one, two = _lookalike(830, 831)
+    one.save(src / "family1.jpg", quality=95)
+    two.save(src / "family2.jpg", quality=95)
+    cfg = load_config("default").with_overrides({"workers": 1})
+    first = run([str(src)], tmp_path / "a", config=cfg)
+    second = run([str(src)], tmp_path / "b", config=cfg)
+    assert first.report["shards"]["second_look"]["checked"] > 0  # the band was looked at
+    assert (tmp_path / "a" / "manifest.parquet").read_bytes() == (tmp_path / "b" / "manifest.parquet").read_bytes()
