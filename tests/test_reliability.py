@@ -49,7 +49,7 @@ from badinputs import (  # noqa: E402
 
 from dedup import run  # noqa: E402
 from dedup.cli import app  # noqa: E402
-from dedup.config import EmbedConfig, EmbedModel, RunConfig  # noqa: E402
+from dedup.config import EmbedConfig, EmbedModel, RunConfig, load_config  # noqa: E402
 from dedup.embed import build_embedder  # noqa: E402
 from dedup.errors import ConfigError, ModelError, OutputError, printable  # noqa: E402
 from dedup.featurize import FeatureStep  # noqa: E402
@@ -86,7 +86,13 @@ def _tree(root: Path) -> set[str]:
 # 1. bad images: each a failed row with a one-line reason, odd ones decoded, the run goes on
 
 
-def test_every_bad_image_is_a_failed_row_and_every_odd_one_decodes(tmp_path: Path) -> None:
+# The default preset with every pair sent to the second look: each odd image re-read, trimmed,
+# given ORB features and aligned against the others (tiny, 1x300, 16-bit, CMYK, animated...).
+SECOND_LOOK = load_config("default").with_overrides({"search.verify_from": 0.0, "workers": 1})
+
+
+@pytest.mark.parametrize("config", [FAST, SECOND_LOOK], ids=["fast", "second-look"])
+def test_every_bad_image_is_a_failed_row_and_every_odd_one_decodes(tmp_path: Path, config: RunConfig) -> None:
     cases = image_cases()
     src = tmp_path / "src"
     (src / "loose").mkdir(parents=True)
@@ -99,9 +105,11 @@ def test_every_bad_image_is_a_failed_row_and_every_odd_one_decodes(tmp_path: Pat
     (src / "00000.tar").write_bytes(tar_bytes(members))
     write_sidecar(src / "00000.parquet", listed)
 
-    result = run([str(src)], tmp_path / "out", config=FAST)
+    result = run([str(src)], tmp_path / "out", config=config)
     rows = _rows(tmp_path / "out")
     assert len(rows) == result.samples == 2 * len(cases)  # the same corpus loose and in a tar
+    if config is SECOND_LOOK:
+        assert result.report["shards"]["second_look"]["checked"] > 0
     bad = [c for c in cases if isinstance(c.expect, Bad)]
     assert result.failed == 2 * len(bad)
     for i, case in enumerate(cases):
