@@ -505,7 +505,8 @@ def make_template(
         sw, sh = max(w, round(src.width * scale)), max(h, round(src.height * scale))
         x0, y0 = int(rng.integers(0, sw - w + 1)), int(rng.integers(0, sh - h + 1))
         # crop first in source coordinates (cheap), then resize
-        box = (x0 / scale, y0 / scale, (x0 + w) / scale, (y0 + h) / scale)
+        # (clamped: sw, sh are rounded, so the far edge can overshoot the source by a fraction)
+        box = (x0 / scale, y0 / scale, min(src.width, (x0 + w) / scale), min(src.height, (y0 + h) / scale))
         bg = src.resize((w, h), Image.Resampling.BILINEAR, box=box)
         blur = float(rng.choice([0.0, 2.0, 4.0, 8.0]))
         if blur:
