@@ -108,6 +108,10 @@ class Candidates:
             return cls.empty()
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("i", "j", "score", "window")))
 
+    def take(self, keep: np.ndarray) -> Candidates:
+        """The candidates at ``keep`` (a boolean mask or indices), in that order."""
+        return Candidates(self.i[keep], self.j[keep], self.score[keep], self.window[keep])
+
     def __len__(self) -> int:
         return int(self.i.shape[0])
 
@@ -286,8 +290,8 @@ def region_candidates(
     cands = Candidates.concat(found)
     if not len(cands):
         return cands
-    keep = best_per_pair(cands.i, cands.j, cands.score)  # the best window per (container, image)
-    return Candidates(rows[cands.i[keep]], rows[cands.j[keep]], cands.score[keep], cands.window[keep])
+    best = cands.take(best_per_pair(cands.i, cands.j, cands.score))  # the best window per (container, image)
+    return Candidates(rows[best.i], rows[best.j], best.score, best.window)
 
 
 def pdq_variant_edges(

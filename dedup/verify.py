@@ -473,8 +473,15 @@ def second_look(
 
 def _fresh(cands: Candidates, labels: np.ndarray) -> Candidates:
     """The candidates whose two rows are not yet in one component."""
-    keep = labels[cands.i] != labels[cands.j]
-    return Candidates(cands.i[keep], cands.j[keep], cands.score[keep], cands.window[keep])
+    return cands.take(labels[cands.i] != labels[cands.j])
+
+
+def _rank_in_runs(keys: np.ndarray) -> np.ndarray:
+    """For sorted ``keys``, each element's position within its run of equal keys (0, 1, ...)."""
+    if not keys.size:
+        return np.zeros(0, np.int64)
+    start = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1]
+    return np.arange(keys.size) - np.repeat(start, np.diff(np.r_[start, keys.size]))
 
 
 def _top_per_image(cands: Candidates, per_image: int) -> Candidates:
@@ -487,14 +494,10 @@ def _top_per_image(cands: Candidates, per_image: int) -> Candidates:
     ends = np.concatenate([cands.i[order], cands.j[order]])
     # rank of each pair among the pairs of each of its ends, best first
     by_end = np.lexsort((np.tile(np.arange(order.size), 2), ends))
-    sorted_ends = ends[by_end]
-    start = np.r_[0, np.flatnonzero(sorted_ends[1:] != sorted_ends[:-1]) + 1]
-    rank_sorted = np.arange(ends.size) - np.repeat(start, np.diff(np.r_[start, ends.size]))
     rank = np.empty(ends.size, np.int64)
-    rank[by_end] = rank_sorted
+    rank[by_end] = _rank_in_runs(ends[by_end])
     best = np.minimum(rank[: order.size], rank[order.size :]) < per_image
-    keep = np.sort(order[best])
-    return Candidates(cands.i[keep], cands.j[keep], cands.score[keep], cands.window[keep])
+    return cands.take(np.sort(order[best]))
 
 
 def _best_proposals(cands: Candidates, vecs: np.ndarray, rows: np.ndarray, *, margin: float, per_image: int) -> Candidates:
@@ -507,11 +510,6 @@ def _best_proposals(cands: Candidates, vecs: np.ndarray, rows: np.ndarray, *, ma
         return cands
     pos = np.searchsorted(rows, cands.i), np.searchsorted(rows, cands.j)
     whole = np.einsum("nd,nd->n", vecs[pos[0]], vecs[pos[1]])
-    keep = cands.score - whole >= margin
-    i, j, score, window = cands.i[keep], cands.j[keep], cands.score[keep], cands.window[keep]
-    order = np.lexsort((-score, i))
-    i, j, score, window = i[order], j[order], score[order], window[order]
-    start = np.r_[0, np.flatnonzero(i[1:] != i[:-1]) + 1] if i.size else np.zeros(0, np.int64)
-    rank = np.arange(i.size) - np.repeat(start, np.diff(np.r_[start, i.size]))
-    top = rank < per_image
-    return Candidates(i[top], j[top], score[top], window[top])
+    kept = cands.take(cands.score - whole >= margin)
+    kept = kept.take(np.lexsort((-kept.score, kept.i)))
+    return kept.take(_rank_in_runs(kept.i) < per_image)
