@@ -88,7 +88,7 @@ def verify(
 
     Global candidates (``window < 0``) become :attr:`Signal.VERIFIED` links, scored by their
     proposing similarity when geometry confirms them (``search.verify_by = "geometry"``:
-    :func:`geometric_match`), or re-embedded with ``search.verify_model`` and scored by it at
+    :func:`confirms`), or re-embedded with ``search.verify_model`` and scored by it at
     ``search.verify_threshold`` (``"model"``). Partial ones must pass :func:`confirms` too and
     become :attr:`Signal.PARTIAL` links, scored by their proposing region similarity.
     """
@@ -125,8 +125,8 @@ def verify(
         if data is None:
             return r, None, None
         try:
-            # Local features look at 640 px at most, the model at its input size: a JPEG can
-            # decode at a reduced scale. Trimming then measures that image, as it measured the
+            # Local features look at 512 px, the model at its input size: a JPEG can decode at
+            # a reduced scale. Trimming then measures that image, as it measured the
             # full one to within a pixel.
             img = decode(data, max_pixels=cfg.fingerprint.max_pixels, draft=_LOCAL_SIDE)
         except SampleError:
@@ -168,7 +168,6 @@ def verify(
             if a is not None and b is not None:
                 score[k] = float(np.dot(a, b))
                 accept[k] = score[k] >= search.verify_threshold
-    checks = np.flatnonzero(by_geometry)
 
     def check(pair: tuple[LocalFeatures | None, LocalFeatures | None, bool]) -> bool:
         query, target, partial = pair
@@ -176,30 +175,33 @@ def verify(
             return False
         return confirms(query, target, search, partial=partial)
 
-    checks = checks[np.argsort(-candidates.score[checks], kind="stable")]
-    pairs = [(local.get(int(candidates.j[k])), local.get(int(candidates.i[k])), bool(is_partial[k])) for k in checks.tolist()]
-    parent = {} if joined is not None else None
+    checks = np.flatnonzero(by_geometry)
+    checks = checks[np.argsort(-candidates.score[checks], kind="stable")]  # best score first
+    parent: dict[int, int] = {}  # union-find over ``joined``'s components, as checks confirm
 
     def root(x: int) -> int:
-        assert parent is not None
         while (up := parent.get(x, x)) != x:
             parent[x] = parent.get(up, up)  # path halving
             x = up
         return x
 
+    def ends(k: int) -> tuple[int, int]:
+        assert joined is not None
+        return root(int(joined[candidates.i[k]])), root(int(joined[candidates.j[k]]))
+
     stats["checked"] = 0
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, checks.size, _CHECK_BLOCK):
-            block = list(range(start, min(start + _CHECK_BLOCK, checks.size)))
+            block = checks[start : start + _CHECK_BLOCK].tolist()
             if joined is not None:
-                block = [b for b in block if root(int(joined[candidates.i[checks[b]]])) != root(int(joined[candidates.j[checks[b]]]))]
+                block = [k for k in block if len(set(ends(k))) == 2]  # not joined yet
             stats["checked"] += len(block)
-            for b, ok in zip(block, pool.map(lambda b: check(pairs[b]), block), strict=True):
-                k = int(checks[b])
+            pairs = [(local.get(int(candidates.j[k])), local.get(int(candidates.i[k])), bool(is_partial[k])) for k in block]
+            for k, ok in zip(block, pool.map(check, pairs), strict=True):
                 score[k] = candidates.score[k]
                 accept[k] = ok
-                if ok and parent is not None and joined is not None:
-                    ri, rj = root(int(joined[candidates.i[k]])), root(int(joined[candidates.j[k]]))
+                if ok and joined is not None:
+                    ri, rj = ends(k)
                     if ri != rj:
                         parent[ri] = rj
     # Several windows of one container may propose the same pair: keep the best.
@@ -240,7 +242,8 @@ _RANSAC_ITERATIONS = 500
 
 
 def local_features(img: Image.Image, *, n: int = 1000) -> LocalFeatures:
-    """ORB features of ``img`` (grey, fitted within 640 px): what :func:`geometric_inliers` matches.
+    """ORB features of ``img`` (grey, its longest side scaled to 512 px, small drawings enlarged)
+    and its 320 px grey copy: what :func:`confirms` and :func:`geometric_inliers` match.
 
     ORB, not SIFT: measured on the bench's partial-copy candidates, ORB at 30 inliers found as
     many pasted pictures as SIFT at 15 with fewer false links, in a quarter of the time.
@@ -301,8 +304,9 @@ def geometric_inliers(query: LocalFeatures, target: LocalFeatures, *, ratio: flo
 
 
 def geometric_match(query: LocalFeatures, target: LocalFeatures, *, ratio: float = 0.75, similarity: bool = False) -> tuple[int, float]:
-    """``query``'s inliers in ``target`` under one homography (as :func:`geometric_inliers`),
-    and how well the two agree once aligned by it (:func:`aligned_agreement`; 0 without one)."""
+    """``query``'s inliers in ``target`` under one homography (with ``similarity``, one
+    rotation + scale + shift), and how well the two agree once aligned by it
+    (:func:`aligned_agreement`; 0 without one)."""
     found = _matches(query, target, ratio)
     return _aligned(query, target, found, similarity=similarity) if found is not None else (0, 0.0)
 
