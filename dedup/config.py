@@ -29,7 +29,7 @@ class EmbedModel(StrEnum):
 
 
 class Verifier(StrEnum):
-    GEOMETRY = "geometry"  # local features under one homography, then the aligned pixels agree
+    GEOMETRY = "geometry"  # ORB matches fit one transform, then the aligned pixels agree (verify.confirms)
     MODEL = "model"  # re-embed both images with search.verify_model (the SSCD cascade)
 
 
