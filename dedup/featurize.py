@@ -84,6 +84,13 @@ class FeatureStep:
         base = self.out_dir / shard_file_name(shard)
         return base.with_name(base.name + ".regions.npy")
 
+    def trims_path(self, shard: Shard) -> Path:
+        """The trimmed box of each embedded row's model input, float32 ``(n, 4)`` shares of the
+        decoded size (``fingerprint.trim``, see :attr:`Features.trim`), in row order: the
+        second look crops its re-read images to them. Absent for precomputed embeddings."""
+        base = self.out_dir / shard_file_name(shard)
+        return base.with_name(base.name + ".trim.npy")
+
     def __call__(self, shard: Shard, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
         if shard.kind is ShardKind.EMBEDDINGS:  # vectors given: nothing to decode, no model
             return precomputed_features(shard, *self.paths(shard), progress)
@@ -95,6 +102,7 @@ class FeatureStep:
         vectors: list[np.ndarray] = []
         regions: list[np.ndarray] = []
         pending: list[np.ndarray] = []
+        trims: list[tuple[float, float, float, float]] = []
         errors: dict[str, int] = {}
         with_regions = bool(getattr(embedder, "regions", False))
 
@@ -114,6 +122,7 @@ class FeatureStep:
             embedded = model_input is not None
             if embedded:
                 pending.append(model_input)
+                trims.append(feats.trim or (0.0, 0.0, 1.0, 1.0))
                 if len(pending) >= batch_size:
                     flush()
             if feats.status != "ok":
@@ -135,6 +144,9 @@ class FeatureStep:
             with atomic_path(self.regions_path(shard)) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, reg)
+        with atomic_path(self.trims_path(shard)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.array(trims, np.float32).reshape(-1, 4))
         with atomic_path(npy_path) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, emb.astype(np.float32, copy=False))

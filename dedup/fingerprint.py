@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dedup.config import FingerprintConfig
 from dedup.errors import SampleError
 
-__all__ = ["Features", "decode", "fingerprint", "hamming", "pdq_dihedral", "trim_borders"]
+__all__ = ["Features", "decode", "fingerprint", "hamming", "pdq_dihedral", "trim_borders", "trim_box"]
 
 # The formats we open, most common first (Image.open tries them in this order). An allow-list
 # rather than PIL's full registry: PIL's EPS plugin runs Ghostscript on the data, and a
@@ -89,6 +89,10 @@ class Features:
     # PDQ of the 7 other rotations/flips (rot 90, 180, 270, flip LR, flip TB, transpose,
     # transverse), 7 x 32 bytes, when FingerprintConfig.pdq_dihedral: one pass, same cost.
     pdq_variants: bytes | None = None
+    # What the embedding saw, as shares of the decoded size: (left, top, right, bottom), (0, 0, 1,
+    # 1) when nothing was trimmed; None when no model input was made. The second look crops its
+    # re-read image to the same box instead of measuring the margins again.
+    trim: tuple[float, float, float, float] | None = None
 
     @classmethod
     def failed(cls, error: str) -> Features:
@@ -200,8 +204,12 @@ def fingerprint(
         features.pdq, features.pdq_quality = _pdq(small)
     if prepare is None:
         return features, None
+    features.trim = (0.0, 0.0, 1.0, 1.0)
     if cfg.trim:
-        img = trim_borders(img, preview=Image.fromarray(small) if small is not None and small is not pixels else None)
+        box = trim_box(img, preview=Image.fromarray(small) if small is not None and small is not pixels else None)
+        if box is not None:
+            features.trim = (box[0] / width, box[1] / height, box[2] / width, box[3] / height)
+            img = img.crop(box)
     return features, prepare(img)
 
 
@@ -218,6 +226,15 @@ def trim_borders(
     is all margin. The embedding sees the trimmed image; hashes and sizes keep the whole one.
     ``preview``, a smaller copy of ``img`` already at hand (PDQ's), makes the thumbnail cheaply.
     """
+    box = trim_box(img, tolerance=tolerance, rounds=rounds, preview=preview)
+    return img if box is None else img.crop(box)
+
+
+def trim_box(
+    img: Image.Image, *, tolerance: int = 24, rounds: int = 3, preview: Image.Image | None = None
+) -> tuple[int, int, int, int] | None:
+    """The box ``(left, top, right, bottom)`` that :func:`trim_borders` crops ``img`` to, or
+    None when it keeps the whole image."""
     rgb = preview if preview is not None else img
     rgb = rgb if rgb.mode == "RGB" else rgb.convert("RGB")
     thumb = np.asarray(rgb.resize(_fit_within(rgb.size, 128) or rgb.size, Image.Resampling.BILINEAR), np.int16)
@@ -239,12 +256,14 @@ def trim_borders(
             break
         top, bottom, left, right = top + rows[0] + 1, top + rows[-1] + 2, left + cols[0] + 1, left + cols[-1] + 2
     if (top, left, bottom, right) == (0, 0, thumb.shape[0], thumb.shape[1]):
-        return img
+        return None
     sx, sy = img.width / thumb.shape[1], img.height / thumb.shape[0]
     box = (int(left * sx), int(top * sy), min(img.width, math.ceil(right * sx)), min(img.height, math.ceil(bottom * sy)))
     if box[2] - box[0] < 8 or box[3] - box[1] < 8:
-        return img
-    return img.crop(box)
+        return None
+    return box
+
+
 
 
 def pdq_dihedral(img: Image.Image) -> list[bytes]:

@@ -41,7 +41,7 @@ from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.index import Catalog, index_dir, index_lock, write_index
 from dedup.manifest import Manifest, write_keep_list, write_manifest
-from dedup.verify import load_regions, second_look
+from dedup.verify import load_regions, load_trims, second_look
 from dedup.partition import VectorFiles, auto_settings, partitioned_edges
 from dedup.report import build_report, write_report_pages
 from dedup.rows import FeatureRows, as_rows
@@ -355,7 +355,8 @@ def finish(
         # Uncertain and partial-copy candidates, confirmed on the re-read images (dedup.verify).
         step = FeatureStep(config=cfg, out_dir=features_dir) if features_dir is not None else None
         regions = load_regions([step.regions_path(s) for s in shards]) if step and cfg.search.partial else None
-        confirmed, second = second_look(rows, vectors, edges, cfg, shards=shards, regions=regions, progress=progress)
+        trims = load_trims([step.trims_path(s) for s in shards]) if step else None
+        confirmed, second = second_look(rows, vectors, edges, cfg, shards=shards, regions=regions, trims=trims, progress=progress)
         edges = Edges.concat([edges, confirmed])
         shard_stats = {**shard_stats, "second_look": second}
         timer.done("second look")

@@ -61,6 +61,7 @@ __all__ = [
     "geometric_inliers",
     "geometric_match",
     "load_regions",
+    "load_trims",
     "local_features",
     "second_look",
     "verify",
@@ -78,6 +79,7 @@ def verify(
     progress: Callable[[int], object] | None = None,
     embedder: Embedder | None = None,
     joined: np.ndarray | None = None,
+    trims: np.ndarray | None = None,
 ) -> tuple[Edges, dict[str, int]]:
     """The candidates a second look confirms, as edges, and counts for the report.
 
@@ -85,6 +87,8 @@ def verify(
     checks run best score first, a block at a time, skipping the pairs that earlier
     confirmations have already joined: the components come out the same, for a fifth fewer
     checks on the bench (a large group's copies are joined long before its last pairs).
+    ``trims`` (a box per row, shares of the image; NaN where unknown) crops each re-read image
+    as its model input was cut, instead of measuring its margins again.
 
     Global candidates (``window < 0``) become :attr:`Signal.VERIFIED` links, scored by their
     proposing similarity when geometry confirms them (``search.verify_by = "geometry"``:
@@ -131,7 +135,12 @@ def verify(
             img = decode(data, max_pixels=cfg.fingerprint.max_pixels, draft=_LOCAL_SIDE)
         except SampleError:
             return r, None, None
-        if cfg.fingerprint.trim:  # what the embedding saw, so a trimmed copy compares as it did
+        # What the embedding saw, so a trimmed copy compares as it did: the box the fingerprint
+        # stage cut, else (features from before boxes were kept) the margins measured again.
+        box = trims[r] if trims is not None else None
+        if box is not None and not np.isnan(box).any():
+            img = _crop_to(img, box)
+        elif cfg.fingerprint.trim:
             img = trim_borders(img)
         model_input = model.preprocess(img) if model is not None and r in embed_rows else None
         feats = local_features(img) if r in local_rows else None
@@ -208,6 +217,17 @@ def verify(
     edges = _best_per_pair(candidates.i[accept], candidates.j[accept], score[accept], is_partial[accept])
     stats["confirmed"] = len(edges)
     return edges, stats
+
+
+def _crop_to(img: Image.Image, box: np.ndarray) -> Image.Image:
+    """``img`` cut to ``box`` (left, top, right, bottom as shares of its size), the whole of it
+    for the full box. A JPEG re-read at a reduced scale lands within a pixel of the full one."""
+    w, h = img.size
+    left, top = round(float(box[0]) * w), round(float(box[1]) * h)
+    right, bottom = min(w, round(float(box[2]) * w)), min(h, round(float(box[3]) * h))
+    if (left, top, right, bottom) == (0, 0, w, h) or right - left < 1 or bottom - top < 1:
+        return img
+    return img.crop((left, top, right, bottom))
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +490,19 @@ def _best_per_pair(i: np.ndarray, j: np.ndarray, score: np.ndarray, partial: np.
 def load_regions(paths: Sequence[Path]) -> np.ndarray | None:
     """The region descriptors of a run's shards, in row order (float16), or None when any
     shard has none (regions off, or features made before they were)."""
+    return _load_per_row(paths)
+
+
+def load_trims(paths: Sequence[Path]) -> np.ndarray | None:
+    """The trim boxes of a run's embedded rows (``FeatureStep.trims_path``), in row order, or
+    None when any shard has none (features made before they were kept): the second look then
+    measures the margins of the re-read images itself."""
+    return _load_per_row(paths)
+
+
+def _load_per_row(paths: Sequence[Path]) -> np.ndarray | None:
+    """One side array per embedded row over a run's shards (memory-mapped parts, joined), or None
+    when a shard lacks its file or the parts disagree in shape."""
     parts: list[np.ndarray] = []
     for path in paths:
         if not path.is_file():
@@ -491,13 +524,15 @@ def second_look(
     *,
     shards: Sequence[Shard],
     regions: np.ndarray | None = None,
+    trims: np.ndarray | None = None,
     progress: ProgressFactory = silent,
 ) -> tuple[Edges, dict[str, int]]:
     """Confirmed links beyond ``direct`` (the links every signal made at its own threshold).
 
     Proposes the band candidates (``search.verify_from``) and, with ``regions``, the partial
     ones (``search.partial``); drops those already joined by ``direct`` links; verifies the rest
-    (:func:`verify`). Only rows with an image and an embedding take part.
+    (:func:`verify`). Only rows with an image and an embedding take part. ``trims`` (a box per
+    embedded row, :func:`load_trims`) says where each model input was cut from its image.
     """
     search = cfg.search
     rows_of = as_rows(table)
@@ -531,7 +566,11 @@ def second_look(
     if not len(cands):
         return Edges.empty(), stats
     with progress("second look: verify", int(np.unique(np.concatenate([cands.i, cands.j])).size), "img") as bar:
-        return verify(rows_of, cands, cfg, shards=shards, progress=bar.update, joined=labels)
+        boxes = None
+        if trims is not None and trims.shape == (embedded_rows.size, 4):
+            boxes = np.full((rows_of.num_rows, 4), np.nan, np.float32)
+            boxes[embedded_rows] = trims
+        return verify(rows_of, cands, cfg, shards=shards, progress=bar.update, joined=labels, trims=boxes)
 
 
 def _fresh(cands: Candidates, labels: np.ndarray) -> Candidates:

@@ -364,3 +364,26 @@ def test_concurrent_fingerprints_match_sequential_ones() -> None:
         concurrent = list(pool.map(lambda d: fingerprint(d, CFG)[0], inputs * 3))
     assert concurrent == sequential * 3
     assert saved == Image.MAX_IMAGE_PIXELS
+
+
+def test_trim_cuts_uniform_margins_and_records_the_box() -> None:
+    """A picture padded onto a white canvas reaches the model without the padding, and the box it
+    was cut to is recorded as shares of the decoded size (the second look crops to it)."""
+    picture = natural_image(21, (200, 150))
+    canvas = Image.new("RGB", (300, 250), (255, 255, 255))
+    canvas.paste(picture, (40, 60))
+    cfg = FingerprintConfig(trim=True)
+    features, seen = fingerprint(_encode(canvas, "PNG"), cfg, prepare=np.asarray)
+    assert seen is not None and features.trim is not None
+    left, top, right, bottom = features.trim
+    # the 128 px thumbnail measures the margins: within its 2.3 px cells of the pasted box
+    assert abs(left * 300 - 40) <= 3 and abs(top * 250 - 60) <= 3
+    assert abs(right * 300 - 240) <= 3 and abs(bottom * 250 - 210) <= 3
+    assert seen.shape == (round(bottom * 250) - round(top * 250), round(right * 300) - round(left * 300), 3)
+
+    whole, seen_whole = fingerprint(_encode(picture, "PNG"), cfg, prepare=np.asarray)
+    assert whole.trim == (0.0, 0.0, 1.0, 1.0) and seen_whole is not None and seen_whole.shape == (150, 200, 3)
+    untrimmed, _ = fingerprint(_encode(canvas, "PNG"), FingerprintConfig(trim=False), prepare=np.asarray)
+    assert untrimmed.trim == (0.0, 0.0, 1.0, 1.0)
+    no_model, _ = fingerprint(_encode(canvas, "PNG"), cfg)
+    assert no_model.trim is None  # no model input, nothing cut

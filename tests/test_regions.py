@@ -342,3 +342,49 @@ def test_second_look_is_deterministic(tmp_path: Path) -> None:
     second = run([str(src)], tmp_path / "b", config=cfg)
     assert first.report["shards"]["second_look"]["checked"] > 0  # the band was looked at
     assert (tmp_path / "a" / "manifest.parquet").read_bytes() == (tmp_path / "b" / "manifest.parquet").read_bytes()
+
+
+def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint stage keeps the box each model input was cut to (a ``.trim.npy`` beside the
+    shard's embeddings); the second look crops its re-read images to it instead of measuring the
+    margins again, and measures them only for features made before boxes were kept."""
+    import dedup.verify
+    from dedup.verify import _crop_to
+
+    src = tmp_path / "images"
+    src.mkdir()
+    picture = _picture(900)
+    picture.save(src / "a.png")
+    ImageOps.expand(picture, border=(60, 20, 60, 20), fill=(255, 255, 255)).save(src / "padded.png")
+    _copies(picture)["crop"].save(src / "crop.jpg", quality=85)
+    cfg = RunConfig().with_overrides(
+        {"embed.model": "sscd_distilled", "fingerprint.trim": True, "search.threshold": 0.999, "search.pdq_distance": -1,
+         "search.exact": False, "search.verify_from": 0.0, "search.verify_by": "geometry"}
+    )
+    measured: list[tuple[int, int]] = []
+    real_trim = dedup.verify.trim_borders
+
+    def counting_trim(img: Image.Image, **kw: object) -> Image.Image:
+        measured.append(img.size)
+        return real_trim(img)
+
+    monkeypatch.setattr(dedup.verify, "trim_borders", counting_trim)
+    first = run([str(src)], tmp_path / "out", config=cfg)
+    trims = sorted((tmp_path / "out").glob(".work/*/shards/*.trim.npy"))
+    assert len(trims) == 1
+    boxes = np.load(trims[0])
+    assert boxes.shape == (3, 4)
+    assert np.allclose(boxes[0], [0, 0, 1, 1]) and np.allclose(boxes[1], [0, 0, 1, 1])
+    assert abs(boxes[2][0] * 440 - 60) <= 3 and abs(boxes[2][1] * 280 - 20) <= 3  # the padding, found
+    assert measured == []  # re-read images were cut to the boxes, not measured again
+    assert first.report["shards"]["second_look"]["confirmed"] >= 2
+
+    for path in trims:  # features from before boxes were kept: the margins are measured again
+        path.unlink()
+    again = run([str(src)], tmp_path / "out", config=cfg)
+    assert len(measured) == 3
+    assert again.report["shards"]["second_look"]["confirmed"] == first.report["shards"]["second_look"]["confirmed"]
+
+    img = Image.new("RGB", (200, 100))
+    assert _crop_to(img, np.array([0.25, 0.5, 0.75, 1.0], np.float32)).size == (100, 50)
+    assert _crop_to(img, np.array([0, 0, 1, 1], np.float32)) is img
