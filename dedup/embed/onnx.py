@@ -17,6 +17,7 @@ from PIL import Image
 
 from dedup.config import EmbedConfig, EmbedModel
 from dedup.embed.base import l2_normalize, parse_device
+from dedup.embed.graph import channels_first_normalisation
 from dedup.embed.regions import HEADS, SCALES, Head, pool_regions, with_outputs
 from dedup.errors import MissingDependencyError, ModelError
 
@@ -128,11 +129,12 @@ def build_onnx_sscd(cfg: EmbedConfig, *, threads: int | None = None) -> OnnxEmbe
     # models only (a user's export may name its tensors differently).
     head = HEADS.get(name) if cfg.regions and not cfg.model_path else None
     try:
+        # The same model with its input normalised a channel plane at a time (dedup.embed.graph:
+        # the same numbers, a sixth less CPU time), and the region outputs where they are asked.
+        model = channels_first_normalisation(path.read_bytes())
         if head is not None:
-            model = with_outputs(path.read_bytes(), [head.feature_map, head.weight, head.bias])
-            session = ort.InferenceSession(model, sess_options=options, providers=providers)
-        else:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            model = with_outputs(model, [head.feature_map, head.weight, head.bias])
+        session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as err:  # ORT raises its own (pybind) exception types
         raise ModelError(
             f"cannot load ONNX model {path}: {' '.join(str(err).split())[:300]}; "

@@ -23,6 +23,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from dedup.embed.graph import field
+
 __all__ = ["HEADS", "SCALES", "Head", "pool_regions", "windows", "with_outputs"]
 
 
@@ -47,27 +49,13 @@ HEADS: dict[str, Head] = {
 }
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def with_outputs(model: bytes, names: list[str]) -> bytes:
     """``model`` (ONNX bytes) with the tensors ``names`` added as graph outputs.
 
     ModelProto.graph is field 7, GraphProto.output field 12, ValueInfoProto.name field 1.
     """
-    outputs = b"".join(_field(12, _field(1, name.encode())) for name in names)
-    return model + _field(7, outputs)
+    outputs = b"".join(field(12, field(1, name.encode())) for name in names)
+    return model + field(7, outputs)
 
 
 SCALES: tuple[float, ...] = (5 / 9, 7 / 9)  # window sides as shares of the map's (embed.region_scales)
