@@ -48,6 +48,11 @@ class FingerprintConfig:
     # PDQ of the image's 7 rotations/flips too (same cost, 224 more bytes per row): a rotated
     # or mirrored copy is within pdq_distance of one of them
     pdq_dihedral: bool = False
+    # PDQ hashes the image fitted within this square (Meta's Python reference hasher: 512).
+    # Smaller is cheaper (pdqhash's cost is per input pixel) and, measured on the bench, as
+    # good: 384 links more true pairs within 31 bits than 512 (2,964 against 2,897), no more
+    # false ones (3 against 5), in 56 % of the pixels.
+    pdq_side: int = 512
     # embed the image without uniform margins (letterbox bars, padding, empty canvas), so a
     # padded copy and its original show the model the same picture (fingerprint.trim_borders)
     trim: bool = False

@@ -173,6 +173,19 @@ def test_pdq_dihedral_variants_are_approximate_at_other_sizes() -> None:
         assert distances.index(min(distances)) == index and distances[index] <= 64, distances
 
 
+def test_pdq_side_sets_the_scale_pdq_hashes_at() -> None:
+    # A 1024 px image is hashed fitted within pdq_side: the fingerprint's PDQ is the first
+    # dihedral variant at the same side, and a different side gives a (slightly) different hash.
+    data = _encode(natural_image(10, (1024, 768)), "PNG")
+    img = Image.open(io.BytesIO(data))
+    at_384 = _ok(data, FingerprintConfig(pdq_dihedral=True, pdq_side=384))
+    at_512 = _ok(data, FingerprintConfig(pdq_dihedral=True, pdq_side=512))
+    assert at_384.pdq == pdq_dihedral(img, side=384)[0]
+    assert at_512.pdq == pdq_dihedral(img, side=512)[0]
+    assert at_384.pdq is not None and at_512.pdq is not None and at_384.pdq != at_512.pdq
+    assert hamming(at_384.pdq, at_512.pdq) <= 32
+
+
 def test_hamming() -> None:
     assert hamming(b"\x00\xff", b"\x00\xff") == 0
     assert hamming(b"\x00\xff", b"\x01\x7f") == 2
