@@ -25,18 +25,19 @@ Two kinds of candidates reach this stage (both proposed by :mod:`dedup.search`):
   framed, warped picture passes and a different picture on the same kind of background does not.
 
 The pipeline keeps no image bytes, so the images are read back from their shards
-(:func:`dedup.report.thumbs.fetch_images`: only the shards that hold a candidate, each only until
-its last wanted sample), a chunk of rows at a time. A candidate whose image can no longer be
-read (the source moved or changed) is not linked: a second look that cannot look does not
-confirm. Local features of the candidate rows stay in memory until the pairs are checked:
+(:func:`dedup.report.thumbs.stream_images`: only the shards that hold a candidate, each once and
+only until its last wanted sample), decoded a chunk of rows at a time while the next is read. A
+candidate whose image can no longer be read (the source moved or changed) is not linked: a
+second look that cannot look does not confirm. Local features of the candidate rows stay in memory until the pairs are checked:
 about 120 KB a row (1,000 ORB descriptors and a 320 px grey copy for the pixel check).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import batched
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def verify(
     shard_of = dict(zip(rows.tolist(), ids.column("shard").to_pylist(), strict=True))
     whole: dict[int, np.ndarray] = {}
     local: dict[int, LocalFeatures] = {}
-    from dedup.report.thumbs import fetch_images  # the reader the report uses for thumbnails
+    from dedup.report.thumbs import stream_images  # the reader the report uses for thumbnails
 
     def look(r: int, data: bytes | None) -> tuple[int, np.ndarray | None, LocalFeatures | None]:
         """Decode one image and take what its pairs need; the image itself is dropped."""
@@ -146,28 +147,41 @@ def verify(
         feats = local_features(img) if r in local_rows else None
         return r, model_input, feats
 
+    def take(looked: Sequence[tuple[int, np.ndarray | None, LocalFeatures | None]]) -> None:
+        inputs: list[tuple[int, np.ndarray]] = []
+        for r, model_input, feats in looked:
+            if model_input is None and feats is None:
+                stats["unreadable"] += 1
+            if model_input is not None:
+                inputs.append((r, model_input))
+            if feats is not None:
+                local[r] = feats
+        if model is not None:
+            for b in range(0, len(inputs), 32):
+                batch = inputs[b : b + 32]
+                vecs = model.embed(np.stack([x for _, x in batch]))
+                whole.update(zip([r for r, _ in batch], vecs, strict=True))
+        if progress is not None and looked:
+            progress(len(looked))
+
+    def arrivals() -> Iterator[tuple[int, bytes | None]]:
+        """``(row, bytes)`` as the shards are read, each once; then the rows never found."""
+        row_of = {sample_of[r]: r for r in rows.tolist()}
+        seen: set[int] = set()
+        for sample_id, data in stream_images(shards, {sample_of[r]: shard_of[r] for r in rows.tolist()}):
+            seen.add(row_of[sample_id])
+            yield row_of[sample_id], data
+        yield from ((r, None) for r in rows.tolist() if r not in seen)
+
     workers = os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and OpenCV release the GIL
-        for start in range(0, rows.size, CHUNK_ROWS):
-            chunk = rows[start : start + CHUNK_ROWS].tolist()
-            found = fetch_images(shards, {sample_of[r]: shard_of[r] for r in chunk})
-            looked = list(pool.map(look, chunk, [found.get(sample_of[r]) for r in chunk]))
-            del found
-            inputs: list[tuple[int, np.ndarray]] = []
-            for r, model_input, feats in looked:
-                if model_input is None and feats is None:
-                    stats["unreadable"] += 1
-                if model_input is not None:
-                    inputs.append((r, model_input))
-                if feats is not None:
-                    local[r] = feats
-            if model is not None:
-                for b in range(0, len(inputs), 32):
-                    batch = inputs[b : b + 32]
-                    vecs = model.embed(np.stack([x for _, x in batch]))
-                    whole.update(zip([r for r, _ in batch], vecs, strict=True))
-            if progress is not None:
-                progress(len(chunk))
+        # The next chunk is read while the pool decodes this one: two chunks' bytes at most.
+        pending: list[Future[tuple[int, np.ndarray | None, LocalFeatures | None]]] = []
+        for chunk in batched(arrivals(), CHUNK_ROWS):
+            submitted = [pool.submit(look, r, data) for r, data in chunk]
+            take([f.result() for f in pending])
+            pending = submitted
+        take([f.result() for f in pending])
 
     score = np.zeros(len(candidates), np.float32)
     accept = np.zeros(len(candidates), bool)

@@ -322,6 +322,51 @@ def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path, monkeypatch: pytes
     assert rows_again == {k: r["cluster_id"] for k, r in rows.items()}
 
 
+def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The images of a second look are read in one pass, each shard once however many chunks
+    its candidates fill (reading a chunk at a time used to start a shard again per chunk), and
+    the links come out as they do with one chunk for all."""
+    import sys
+
+    import dedup.sources
+    import dedup.verify
+
+    src = tmp_path / "images"
+    src.mkdir()
+    picture = _picture(700)
+    picture.save(src / "a.jpg", quality=95)
+    for name, copy in _copies(picture).items():
+        copy.save(src / f"b-{name}.jpg", quality=80)
+    one, two = _lookalike(710, 711)
+    one.save(src / "c-family1.jpg", quality=95)
+    two.save(src / "c-family2.jpg", quality=95)
+    cfg = RunConfig().with_overrides(
+        {"embed.model": "sscd_distilled", "search.threshold": 0.999, "search.pdq_distance": -1, "search.exact": False,
+         "search.verify_from": 0.0, "folder_batch": 3, "workers": 1}
+    )
+    whole = run([str(src)], tmp_path / "whole", config=cfg)
+    reads: list[str] = []
+    real = dedup.sources.read_shard
+
+    def counting(shard):  # type: ignore[no-untyped-def]
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name != "verify":
+            frame = frame.f_back
+        if frame is not None:  # a read of the second look, not of the report's thumbnails
+            reads.append(shard.shard_id)
+        return real(shard)
+
+    monkeypatch.setattr(dedup.sources, "read_shard", counting)
+    monkeypatch.setattr(dedup.verify, "CHUNK_ROWS", 2)
+    chunked = run([str(src)], tmp_path / "chunked", config=cfg)
+    assert len(reads) >= 3  # the candidates span several shards of three images, chunks of two
+    assert len(reads) == len(set(reads))
+    assert chunked.report["shards"]["second_look"] == whole.report["shards"]["second_look"]
+    assert whole.report["shards"]["second_look"]["confirmed"] >= 3
+    manifest = lambda out: {r["key"]: r["cluster_id"] for r in pq.read_table(out / "manifest.parquet").to_pylist()}  # noqa: E731
+    assert manifest(tmp_path / "chunked") == manifest(tmp_path / "whole")
+
+
 def test_second_look_is_deterministic(tmp_path: Path) -> None:
     """The default preset's threaded geometric checks give byte-identical manifests run after run."""
     from dedup.config import load_config

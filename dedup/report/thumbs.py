@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,6 +36,7 @@ __all__ = [
     "make_thumbnail",
     "read_thumbnails",
     "rediscover",
+    "stream_images",
     "write_thumbnails",
 ]
 
@@ -73,12 +74,24 @@ def fetch_images(
     it once its wanted samples are found. Samples whose shard is missing or unreadable, or
     whose bytes no longer match ``sha256[sample_id]``, are left out.
     """
+    return dict(stream_images(shards, wanted, sha256=sha256))
+
+
+def stream_images(
+    shards: Sequence[Shard],
+    wanted: Mapping[str, str],
+    *,
+    sha256: Mapping[str, bytes | None] | None = None,
+) -> Iterator[tuple[str, bytes]]:
+    """:func:`fetch_images` one sample at a time, as each is read: ``(sample_id, bytes)`` in
+    the order of ``shards`` and of the samples within each, holding one in memory. One pass
+    reads each shard once, however many samples it holds (fetching a chunk at a time read a
+    shard again from its start for every chunk)."""
     from dedup.sources import read_shard
 
     by_shard: dict[str, set[str]] = {}
     for sample_id, shard_id in wanted.items():
         by_shard.setdefault(shard_id, set()).add(sample_id)
-    found: dict[str, bytes] = {}
     for shard in shards:
         todo = by_shard.get(shard.shard_id)
         if not todo:
@@ -90,12 +103,11 @@ def fetch_images(
                     data = sample.data
                     expected = (sha256 or {}).get(sample.sample_id)
                     if data and (expected is None or hashlib.sha256(data).digest() == expected):
-                        found[sample.sample_id] = data
+                        yield sample.sample_id, data
                     if not todo:
                         break
         except (DedupError, OSError):
-            continue  # the source moved or broke since the run: no thumbnails from it
-    return found
+            continue  # the source moved or broke since the run: nothing more from it
 
 
 def cluster_thumbnails(
