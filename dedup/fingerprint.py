@@ -183,30 +183,28 @@ def fingerprint(
         return Features.failed(str(err)), None
 
     width, height = img.size
-    pixels = np.asarray(img)  # one copy of the pixels, shared by the pixel hash and PDQ
     features = Features(
         status="ok",
         width=width,
         height=height,
         sha256=hashlib.sha256(data).digest(),
-        pixel_sha256=_pixel_sha256(pixels),
+        pixel_sha256=_pixel_sha256(np.asarray(img)),
     )
     if cfg.phash:
         features.phash = _phash(img)
-    small: np.ndarray | None = None  # the <= 512 px copy PDQ hashes; trimming measures on it too
-    if cfg.pdq and cfg.pdq_dihedral:
-        small = _pdq_input(img, pixels, cfg.pdq_side)
-        hashes, quality = pdqhash.compute_dihedral(small)
-        packed = [_pack_bits(h) for h in hashes]
-        features.pdq, features.pdq_quality, features.pdq_variants = packed[0], int(quality), b"".join(packed[1:])
-    elif cfg.pdq:
-        small = _pdq_input(img, pixels, cfg.pdq_side)
-        features.pdq, features.pdq_quality = _pdq(small)
+    if cfg.pdq:
+        luma = _pdq_input(img, cfg.pdq_side)
+        if cfg.pdq_dihedral:
+            hashes, quality = pdqhash.compute_dihedral(luma)
+            packed = [_pack_bits(h) for h in hashes]
+            features.pdq, features.pdq_quality, features.pdq_variants = packed[0], int(quality), b"".join(packed[1:])
+        else:
+            features.pdq, features.pdq_quality = _pdq(luma)
     if prepare is None:
         return features, None
     features.trim = (0.0, 0.0, 1.0, 1.0)
     if cfg.trim:
-        box = trim_box(img, preview=Image.fromarray(small) if small is not None and small is not pixels else None)
+        box = trim_box(img)
         if box is not None:
             features.trim = (box[0] / width, box[1] / height, box[2] / width, box[3] / height)
             img = img.crop(box)
@@ -279,7 +277,7 @@ def pdq_dihedral(img: Image.Image, *, side: int = _PDQ_MAX_SIDE) -> list[bytes]:
     found by comparing one image's PDQ against the other's 8 variants.
     """
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    hashes, _quality = pdqhash.compute_dihedral(_pdq_input(rgb, None, side))
+    hashes, _quality = pdqhash.compute_dihedral(_pdq_input(rgb, side))
     return [_pack_bits(h) for h in hashes]
 
 
@@ -413,21 +411,25 @@ def _phash(img: Image.Image) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def _pdq_input(img: Image.Image, pixels: np.ndarray | None, side: int = _PDQ_MAX_SIDE) -> np.ndarray:
-    """The uint8 RGB array PDQ hashes: the image, or a copy fitted within ``side`` x ``side``.
+def _pdq_input(img: Image.Image, side: int = _PDQ_MAX_SIDE) -> np.ndarray:
+    """The uint8 array PDQ hashes: the image's luma, fitted within ``side`` x ``side``, as the
+    three equal channels pdqhash takes.
 
-    This is what Meta's Python reference hasher does (``thumbnail((512, 512))``, bicubic),
+    Fitting is what Meta's Python reference hasher does (``thumbnail((512, 512))``, bicubic),
     and measured on photos and clip art it makes resized copies *closer* (median 2 bits apart
     instead of 6 for 30-70 % resized JPEG copies), because every image reaches PDQ's own
     64 x 64 filter from the same scale. It also bounds the cost: pdqhash spends ~15 ns per
-    input pixel (80 ms for a 2048 x 1536 image, 12 ms after fitting).
+    input pixel (80 ms for a 2048 x 1536 image, 12 ms after fitting). PDQ sees luma only, with
+    the weights of PIL's ``convert("L")`` (ITU-R 601), so the luma is taken first and one channel
+    resized instead of three: 0.9 ms an image less on the bench, the hashes equal but for the
+    rounding of the luma (median 0 bits apart).
     """
-    size = _fit_within(img.size, max(1, side))
-    if size is None:
-        full: np.ndarray = pixels if pixels is not None else np.asarray(img)
-        return full
-    fitted: np.ndarray = np.asarray(img.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0))
-    return fitted
+    luma = img if img.mode == "L" else img.convert("L")
+    size = _fit_within(luma.size, max(1, side))
+    if size is not None:
+        luma = luma.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    grey = np.asarray(luma)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def _fit_within(size: tuple[int, int], side: int) -> tuple[int, int] | None:

@@ -123,6 +123,17 @@ def test_pdq_of_a_large_image_is_computed_like_metas_reference_hasher() -> None:
     assert _ok(_encode(img, "PNG")).pdq == np.packbits(bits.astype(np.uint8)).tobytes()
 
 
+def test_pdq_of_a_greyscale_copy_is_its_originals() -> None:
+    # PDQ sees luma only, and the luma is taken before the image is fitted: a copy turned grey
+    # (saved as RGB or as L) hashes bit for bit as the colour original, at any size.
+    for size in ((400, 300), (1300, 700)):
+        img = natural_image(11, size)
+        colour = _ok(_encode(img, "PNG"), FingerprintConfig(pdq_dihedral=True, pdq_side=384))
+        for grey in (img.convert("L"), img.convert("L").convert("RGB")):
+            copy = _ok(_encode(grey, "PNG"), FingerprintConfig(pdq_dihedral=True, pdq_side=384))
+            assert copy.pdq == colour.pdq and copy.pdq_variants == colour.pdq_variants, size
+
+
 def test_pdq_close_for_resized_recompressed_copy_far_for_unrelated() -> None:
     # Measured over 20 generated images: copies at most 24 bits away, unrelated at least 110.
     img = natural_image(7, (800, 600))
