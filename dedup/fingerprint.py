@@ -222,7 +222,7 @@ def trim_borders(
     white drawing padded with black bars comes down to the drawing, as its unpadded original
     does. Images without such margins (most photos) come back unchanged; so does an image that
     is all margin. The embedding sees the trimmed image; hashes and sizes keep the whole one.
-    ``preview``, a smaller copy of ``img`` already at hand (PDQ's), makes the thumbnail cheaply.
+    ``preview``, a smaller copy of ``img`` already at hand, makes the thumbnail cheaply.
     """
     box = trim_box(img, tolerance=tolerance, rounds=rounds, preview=preview)
     return img if box is None else img.crop(box)
