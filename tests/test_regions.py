@@ -346,17 +346,17 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
     )
     whole = run([str(src)], tmp_path / "whole", config=cfg)
     reads: list[str] = []
-    real = dedup.sources.read_shard
+    real = dedup.sources.read_samples
 
-    def counting(shard):  # type: ignore[no-untyped-def]
+    def counting(shard, ids):  # type: ignore[no-untyped-def]
         frame = sys._getframe(1)
         while frame is not None and frame.f_code.co_name != "verify":
             frame = frame.f_back
         if frame is not None:  # a read of the second look, not of the report's thumbnails
             reads.append(shard.shard_id)
-        return real(shard)
+        return real(shard, ids)
 
-    monkeypatch.setattr(dedup.sources, "read_shard", counting)
+    monkeypatch.setattr(dedup.sources, "read_samples", counting)
     monkeypatch.setattr(dedup.verify, "CHUNK_ROWS", 2)
     chunked = run([str(src)], tmp_path / "chunked", config=cfg)
     assert len(reads) >= 3  # the candidates span several shards of three images, chunks of two

@@ -23,7 +23,7 @@ from PIL import Image
 
 from dedup._types import Sample, Shard, ShardKind
 from dedup.errors import ConfigError, MissingDependencyError, SourceError
-from dedup.sources import discover, read_shard
+from dedup.sources import discover, read_samples, read_shard
 
 # --------------------------------------------------------------------------------------------
 # fixture builders
@@ -526,6 +526,25 @@ def test_folder_member_deleted_after_discovery_is_a_failed_sample(tmp_path: Path
     assert len(samples) == 4
     assert (samples[0].sample_id, samples[0].status) == ("a.jpg", "failed")
     assert samples[0].error == "unreadable file: No such file or directory"
+
+
+def test_read_samples_opens_only_the_named_files_of_a_folder_batch(tmp_path: Path) -> None:
+    # Reading a few images back (the second look, thumbnails) opens just those files; a named
+    # file gone since discovery is still a failed sample, and other kinds stream the whole shard.
+    root = _photo_folder(tmp_path / "photos")
+    (shard,) = discover([str(root)])
+    (root / "a.jpg").unlink()
+    samples = list(read_samples(shard, {"a.jpg", "b/deep/d.webp"}))  # a batch yields every member it reads
+    assert [(s.sample_id, s.status) for s in samples] == [("a.jpg", "failed"), ("b/deep/d.webp", "ok")]
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w") as tf:
+        for key in ("k0", "k1"):
+            info = tarfile.TarInfo(f"{key}.jpg")
+            data = _image((1, 2, 3))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (wds,) = discover([str(tar)])
+    assert [s.sample_id for s in read_samples(wds, {"00000.tar/k1"})] == [s.sample_id for s in read_shard(wds)]
 
 
 def test_single_image_file_source(tmp_path: Path) -> None:

@@ -86,8 +86,8 @@ def stream_images(
     """:func:`fetch_images` one sample at a time, as each is read: ``(sample_id, bytes)`` in
     the order of ``shards`` and of the samples within each, holding one in memory. One pass
     reads each shard once, however many samples it holds (fetching a chunk at a time read a
-    shard again from its start for every chunk)."""
-    from dedup.sources import read_shard
+    shard again from its start for every chunk), and of a folder batch only the wanted files."""
+    from dedup.sources import read_samples
 
     by_shard: dict[str, set[str]] = {}
     for sample_id, shard_id in wanted.items():
@@ -97,7 +97,7 @@ def stream_images(
         if not todo:
             continue
         try:
-            for sample in read_shard(shard):
+            for sample in read_samples(shard, frozenset(todo)):
                 if sample.sample_id in todo:
                     todo.discard(sample.sample_id)
                     data = sample.data

@@ -8,16 +8,16 @@ a one-line ``error``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from dedup._types import Sample, Shard, ShardKind
 from dedup.sources._discover import discover
 from dedup.sources._embeddings import read_embeddings
-from dedup.sources._files import read_folder, read_i2d_files
+from dedup.sources._files import folder_samples, read_folder, read_i2d_files
 from dedup.sources._parquet import read_i2d_parquet, read_laion_metadata
 from dedup.sources._webdataset import read_webdataset
 
-__all__ = ["discover", "read_shard"]
+__all__ = ["discover", "read_samples", "read_shard"]
 
 _READERS: dict[ShardKind, Callable[[Shard], Iterator[Sample]]] = {
     ShardKind.WEBDATASET: read_webdataset,
@@ -40,3 +40,11 @@ def read_shard(shard: Shard) -> Iterator[Sample]:
         SourceError: the shard's file cannot be opened any more (moved, no permission).
     """
     return _READERS[shard.kind](shard)
+
+
+def read_samples(shard: Shard, sample_ids: Collection[str]) -> Iterator[Sample]:
+    """:func:`read_shard`, where the kind allows it reading only the samples ``sample_ids`` names
+    (a folder batch opens just those files); other kinds stream the shard and the caller picks."""
+    if shard.kind is ShardKind.FOLDER:
+        return read_folder(folder_samples(shard, sample_ids))
+    return read_shard(shard)

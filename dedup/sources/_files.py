@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from dataclasses import replace
 from typing import Any
 
 import fsspec
@@ -126,6 +127,13 @@ def _files_sample(
         height=fields.height,
         extra=fields.extra,
     )
+
+
+def folder_samples(shard: Shard, sample_ids: Collection[str]) -> Shard:
+    """The folder batch ``shard`` narrowed to the members whose sample ids are given (their
+    order kept), so that reading a few images back does not read the whole batch."""
+    prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
+    return replace(shard, members=tuple(m for m in shard.members if prefix + clean_text(m) in sample_ids))
 
 
 def read_folder(shard: Shard) -> Iterator[Sample]:
