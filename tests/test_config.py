@@ -30,7 +30,7 @@ def test_default_is_the_measured_trade_off() -> None:
     assert cfg.embed.model is EmbedModel.SSCD_DISTILLED and cfg.embed.regions
     assert cfg.search.threshold == 0.9 and cfg.search.partial and cfg.embed.size == 224
     # below the threshold, a band of pairs is linked only when geometry confirms them
-    assert cfg.search.verify_from == 0.45 and cfg.search.verify_by is Verifier.GEOMETRY
+    assert cfg.search.verify_from == 0.55 and cfg.search.partial_propose == 0.35 and cfg.search.verify_by is Verifier.GEOMETRY
     assert cfg.search.verify_per_image == 10
     assert cfg.fingerprint.trim and cfg.fingerprint.pdq_dihedral
     assert cfg.workers == 0
