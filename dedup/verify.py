@@ -129,17 +129,21 @@ def verify(
         """Decode one image and take what its pairs need; the image itself is dropped."""
         if data is None:
             return r, None, None
+        # What the embedding saw, so a trimmed copy compares as it did: the box the fingerprint
+        # stage cut, else (features from before boxes were kept) the margins measured again.
+        box = trims[r] if trims is not None else None
+        known = box is not None and not np.isnan(box).any()
+        # ORB and the pixel check see brightness only: the luma is all that is decoded, unless
+        # the verifying model or a new measure of the margins (in colour) needs more.
+        grey = (model is None or r not in embed_rows) and (known or not cfg.fingerprint.trim)
         try:
             # Local features look at 512 px, the model at its input size: a JPEG can decode at
             # a reduced scale. Trimming then measures that image, as it measured the
             # full one to within a pixel.
-            img = decode(data, max_pixels=cfg.fingerprint.max_pixels, draft=_LOCAL_SIDE)
+            img = decode(data, max_pixels=cfg.fingerprint.max_pixels, draft=_LOCAL_SIDE, grey=grey)
         except SampleError:
             return r, None, None
-        # What the embedding saw, so a trimmed copy compares as it did: the box the fingerprint
-        # stage cut, else (features from before boxes were kept) the margins measured again.
-        box = trims[r] if trims is not None else None
-        if box is not None and not np.isnan(box).any():
+        if box is not None and known:
             img = _crop_to(img, box)
         elif cfg.fingerprint.trim:
             img = trim_borders(img)
@@ -283,7 +287,7 @@ def local_features(img: Image.Image, *, n: int = 1000) -> LocalFeatures:
     many pasted pictures as SIFT at 15 with fewer false links, in a quarter of the time.
     """
     cv2 = _cv2()
-    grey = img.convert("L")
+    grey = img if img.mode == "L" else img.convert("L")
     fit = _LOCAL_SIDE / max(grey.size)  # small drawings are enlarged: ORB finds few corners in them
     if fit != 1:
         grey = grey.resize((max(1, round(grey.width * fit)), max(1, round(grey.height * fit))), Image.Resampling.BILINEAR)

@@ -411,3 +411,26 @@ def test_trim_cuts_uniform_margins_and_records_the_box() -> None:
     assert untrimmed.trim == (0.0, 0.0, 1.0, 1.0)
     no_model, _ = fingerprint(_encode(canvas, "PNG"), cfg)
     assert no_model.trim is None  # no model input, nothing cut
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "cmyk-jpeg", "transparent-png"])
+def test_grey_decode_is_the_luma_of_the_colour_decode(kind: str) -> None:
+    """``grey=True`` (the second look's decode): a colour JPEG decodes its luma plane only; any
+    other image is decoded in colour first (transparency on white) and then taken to luma."""
+    img = natural_image(16)
+    if kind == "jpeg":
+        data = _encode(img, "JPEG", quality=90)
+    elif kind == "cmyk-jpeg":
+        data = _encode(img.convert("CMYK"), "JPEG", quality=95)
+    else:
+        rgba = img.convert("RGBA")
+        rgba.putalpha(Image.linear_gradient("L").resize(img.size))
+        data = _encode(rgba, "PNG")
+    colour = decode(data, max_pixels=CFG.max_pixels)
+    grey = decode(data, max_pixels=CFG.max_pixels, grey=True)
+    assert colour.mode == "RGB" and grey.mode == "L" and grey.size == colour.size
+    # the JPEG's own luma and PIL's conversion of its RGB differ by rounding only
+    assert _mean_abs_diff(grey, colour.convert("L")) < (1.0 if kind == "jpeg" else 1e-9)
+    if kind == "jpeg":  # reduced in the DCT as the colour decode is
+        small = decode(data, max_pixels=CFG.max_pixels, draft=64, grey=True)
+        assert small.mode == "L" and small.size == decode(data, max_pixels=CFG.max_pixels, draft=64).size
