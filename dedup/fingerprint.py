@@ -155,9 +155,12 @@ def decode(data: bytes, *, max_pixels: int, draft: int | None = None, grey: bool
             im.load()
         with _pil_guard():  # EXIF of PNG/WebP is parsed here, and may warn as above
             _exif_transpose(im)
-        rgb = im if grey and im.mode == "L" else _to_rgb(im)
-        if grey and rgb.mode != "L":
-            rgb = rgb.convert("L")  # transparency flattened onto white first, as for colour
+        if grey and im.mode == "L" and "transparency" not in im.info:
+            rgb = im  # a JPEG's luma plane (or a grey image): nothing to convert
+        else:
+            rgb = _to_rgb(im)  # transparency flattened onto white first, as for colour
+            if grey:
+                rgb = rgb.convert("L")
     except SampleError:
         im.close()
         raise

@@ -132,10 +132,11 @@ def verify(
         # What the embedding saw, so a trimmed copy compares as it did: the box the fingerprint
         # stage cut, else (features from before boxes were kept) the margins measured again.
         box = trims[r] if trims is not None else None
-        known = box is not None and not np.isnan(box).any()
+        if box is not None and np.isnan(box).any():
+            box = None
         # ORB and the pixel check see brightness only: the luma is all that is decoded, unless
         # the verifying model or a new measure of the margins (in colour) needs more.
-        grey = (model is None or r not in embed_rows) and (known or not cfg.fingerprint.trim)
+        grey = (model is None or r not in embed_rows) and (box is not None or not cfg.fingerprint.trim)
         try:
             # Local features look at 512 px, the model at its input size: a JPEG can decode at
             # a reduced scale. Trimming then measures that image, as it measured the
@@ -143,7 +144,7 @@ def verify(
             img = decode(data, max_pixels=cfg.fingerprint.max_pixels, draft=_LOCAL_SIDE, grey=grey)
         except SampleError:
             return r, None, None
-        if box is not None and known:
+        if box is not None:
             img = _crop_to(img, box)
         elif cfg.fingerprint.trim:
             img = trim_borders(img)

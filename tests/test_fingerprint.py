@@ -413,7 +413,7 @@ def test_trim_cuts_uniform_margins_and_records_the_box() -> None:
     assert no_model.trim is None  # no model input, nothing cut
 
 
-@pytest.mark.parametrize("kind", ["jpeg", "cmyk-jpeg", "transparent-png"])
+@pytest.mark.parametrize("kind", ["jpeg", "cmyk-jpeg", "transparent-png", "transparent-grey-png"])
 def test_grey_decode_is_the_luma_of_the_colour_decode(kind: str) -> None:
     """``grey=True`` (the second look's decode): a colour JPEG decodes its luma plane only; any
     other image is decoded in colour first (transparency on white) and then taken to luma."""
@@ -422,6 +422,8 @@ def test_grey_decode_is_the_luma_of_the_colour_decode(kind: str) -> None:
         data = _encode(img, "JPEG", quality=90)
     elif kind == "cmyk-jpeg":
         data = _encode(img.convert("CMYK"), "JPEG", quality=95)
+    elif kind == "transparent-grey-png":  # a grey PNG whose black is transparent (tRNS)
+        data = _encode(img.convert("L").point(lambda v: 0 if v < 96 else v), "PNG", transparency=0)
     else:
         rgba = img.convert("RGBA")
         rgba.putalpha(Image.linear_gradient("L").resize(img.size))
