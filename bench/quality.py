@@ -57,7 +57,10 @@ Scores (see :func:`score`): pairwise precision / recall / F1 over clusters, reca
 (a copy counts when it shares a predicted cluster with its group's original), hard-negative
 merges, the distance between the true and predicted per-image duplicate-count distributions,
 img/s and peak RSS. Timings are on a shared machine: the load average is printed at start and
-end. ``--limit N`` scores a subset: whole groups (and the groups their lookalikes point at),
+end. ``--repeat N`` runs every method N times in rounds that alternate the method order
+(forward, backward, ...): the tables give the median timings, and a third table each round's
+img/s and each method's ratio to ``--baseline``'s in the same round, so a speed claim rests on
+several same-round ratios rather than on one run of each. ``--limit N`` scores a subset: whole groups (and the groups their lookalikes point at),
 picked in a seeded random order until N images, hard-linked into ``OUT/_subset/images``.
 
 This module imports only the standard library at the top so that ``_worker`` (the child side)
@@ -72,6 +75,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -503,14 +507,39 @@ class Outcome:
     error: str | None = None
     skipped: str | None = None
     images: int = 0
+    runs: list[dict[str, Any]] = field(default_factory=list)  # every measured run (--repeat), in order
+
+    def _measured(self) -> list[dict[str, Any]]:
+        return self.runs or ([self.run] if self.run is not None else [])
 
     @property
     def wall(self) -> float | None:
-        return None if self.run is None else self.run["wall_seconds"]
+        """Wall seconds: the median over the repeats."""
+        runs = self._measured()
+        return statistics.median(r["wall_seconds"] for r in runs) if runs else None
+
+    @property
+    def cpu(self) -> float | None:
+        """CPU seconds (user + sys, the process tree): the median over the repeats."""
+        runs = self._measured()
+        return statistics.median(r["cpu_seconds"] for r in runs) if runs else None
 
     @property
     def peak_mib(self) -> float | None:
-        return None if self.run is None else max(self.run["tree_peak_rss_mib"], self.run["max_rss_mib"])
+        """Peak RSS: the largest over the repeats."""
+        runs = self._measured()
+        return max(max(r["tree_peak_rss_mib"], r["max_rss_mib"]) for r in runs) if runs else None
+
+    def absorb(self, later: Outcome) -> None:
+        """Fold a repeat's outcome into this one: its timing joins the rest; its failure, or a
+        score that differs from the first run's (a method that is not deterministic), is kept."""
+        if later.run is not None:
+            self.runs = [*self._measured(), later.run]
+            self.run = later.run
+        if later.error and not self.error:
+            self.error = later.error
+        elif later.score is not None and self.score is not None and later.score["f1"] != self.score["f1"]:
+            self.error = f"scores differ between repeats: F1 {self.score['f1']:.4f} then {later.score['f1']:.4f}"
 
 
 def load_labels(data: Path) -> Any:
@@ -684,7 +713,7 @@ def markdown_tables(outcomes: Sequence[Outcome], edits: Sequence[str], edit_tota
         hn = s["hard_negatives"]
         dc = s["dup_count"]
         ips = o.images / o.wall if o.wall else None
-        cpu = o.run["cpu_seconds"] if o.run else None
+        cpu = o.cpu
         lines.append(
             f"| {o.method.name} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} "
             f"| {_f(s['partial_recall'])} | {hn['merged']}/{hn['total']} ({_f(hn['share'], 2)}) | {_f(dc['tv'])} "
@@ -708,6 +737,29 @@ def markdown_tables(outcomes: Sequence[Outcome], edits: Sequence[str], edit_tota
     return "\n".join(lines) + "\n\n" + legend + "\n\nRecall per edit (copies in their original's cluster; column: copies):\n\n" + "\n".join(
         table2
     )
+
+
+def throughput_table(outcomes: Sequence[Outcome], baseline: Outcome | None) -> str:
+    """img/s of every round (``--repeat``), the medians, and each method's speed against
+    ``baseline``'s in the same round (the ratio of the two img/s; its median over the rounds).
+
+    Rounds alternate the method order (forward, then backward), so a machine that drifts slower
+    or faster over the run weighs on both sides of a ratio alike."""
+    base = baseline.runs if baseline is not None and baseline.score is not None else []
+    name = baseline.method.name if baseline is not None else "–"
+    head = f"| method | img/s, round by round | median img/s | median CPU s | × {name}, round by round | median × |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for o in outcomes:
+        if not o.runs or o.score is None:
+            continue
+        ips = [o.images / r["wall_seconds"] for r in o.runs]
+        ratios = [(b["wall_seconds"] / r["wall_seconds"]) for r, b in zip(o.runs, base, strict=False)] if base else []
+        lines.append(
+            f"| {o.method.name} | {' '.join(f'{x:.1f}' for x in ips)} | {_f(o.images / o.wall if o.wall else None, 1)} "
+            f"| {_f(o.cpu, 1)} | {' '.join(f'{x:.2f}' for x in ratios) or '–'} "
+            f"| {_f(statistics.median(ratios) if ratios else None, 2)} |"
+        )
+    return "\n".join(lines)
 
 
 def _git_state() -> dict[str, Any]:
@@ -764,6 +816,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=None, help="seconds one method may run (default: no limit)")
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every method N times, in rounds that alternate the method order; timings are the medians, "
+        "and a third table gives each round's img/s and ratios to --baseline (default %(default)s)",
+    )
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        metavar="NAME",
+        help="the method the throughput ratios are taken against (default: the first one that is not dedup's)",
+    )
+    ap.add_argument(
         "--dedup",
         default=None,
         metavar="CMD",
@@ -782,6 +848,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         ap.error(f"method names must differ: {names}")
+    if opts.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    if opts.baseline is not None and opts.baseline not in names:
+        ap.error(f"--baseline {opts.baseline!r} is not one of the methods: {names}")
+    baseline_name = opts.baseline or next((m.name for m in methods if m.kind != "dedup"), names[0])
     slugs = [m.slug for m in methods]
     if len(set(slugs)) != len(slugs):
         ap.error(f"method names map to the same output folder: {slugs}")
@@ -821,9 +892,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(m.kind == "imagededup" for m in methods):
         idd_python, idd_reason = imagededup_python(opts.imagededup_python)
 
-    outcomes: list[Outcome] = []
+    by_name: dict[str, Outcome] = {}
     skipped: dict[str, str] = {}
-    t0 = time.perf_counter()
     for m in methods:
         reason = unavailable(m, idd_reason, dedup)
         if reason is not None:
@@ -832,23 +902,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(f"skip {m.name}: as above")
             skipped[m.name] = reason
-            continue
-        print(f"run  {m.name}: {shlex.join(method_command(m, images, opts.out / m.slug, idd_python, dedup))}", flush=True)
-        o = run_method(m, images, labels, opts.out, idd_python, dedup, len(on_disk), opts.timeout)
-        outcomes.append(o)
-        if o.error:
-            print(f"     failed: {o.error}", flush=True)
-        else:
-            assert o.score is not None
-            print(
-                f"     {o.wall:.1f} s, F1 {o.score['f1']:.3f}, peak {o.peak_mib:.0f} MiB"
-                + (f", {o.score['unassigned']} images unassigned" if o.score["unassigned"] else ""),
-                flush=True,
-            )
+    runnable = [m for m in methods if m.name not in skipped]
+    t0 = time.perf_counter()
+    for round_ in range(opts.repeat):
+        # Forward, then backward: drift in the machine's speed weighs on both sides of a ratio.
+        for m in runnable if round_ % 2 == 0 else runnable[::-1]:
+            if m.name in by_name and by_name[m.name].score is None:
+                continue  # it failed once: no use timing it again
+            tag = f"run  {m.name}" + (f" (round {round_ + 1}/{opts.repeat})" if opts.repeat > 1 else "")
+            print(f"{tag}: {shlex.join(method_command(m, images, opts.out / m.slug, idd_python, dedup))}", flush=True)
+            o = run_method(m, images, labels, opts.out, idd_python, dedup, len(on_disk), opts.timeout)
+            if o.run is not None:
+                o.runs = [o.run]
+            if m.name in by_name:
+                by_name[m.name].absorb(o)
+            else:
+                by_name[m.name] = o
+            if o.error:
+                print(f"     failed: {o.error}", flush=True)
+            else:
+                assert o.score is not None and o.run is not None
+                print(
+                    f"     {o.run['wall_seconds']:.1f} s, F1 {o.score['f1']:.3f}, peak {o.peak_mib:.0f} MiB"
+                    + (f", {o.score['unassigned']} images unassigned" if o.score["unassigned"] else ""),
+                    flush=True,
+                )
+    outcomes = [by_name[m.name] for m in runnable]
     end_load = _load()
     print()
     print(markdown_tables(outcomes, edits, edit_totals))
     print()
+    if opts.repeat > 1:
+        print(f"Throughput over {opts.repeat} rounds (img/s = images / wall s; × = this method's img/s over "
+              f"{baseline_name}'s in the same round):\n")
+        print(throughput_table(outcomes, by_name.get(baseline_name)))
+        print()
     by_reason: dict[str, list[str]] = {}
     for name, reason in skipped.items():
         by_reason.setdefault(reason, []).append(name)
@@ -875,7 +963,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "spec": asdict(o.method),
                 "command": o.command,
                 "run": o.run,
+                "runs": o.runs,
                 "images_per_second": (o.images / o.wall) if o.wall else None,
+                "cpu_seconds": o.cpu,
                 "assignment": str(opts.out / o.method.slug / "assignment.parquet") if o.score else None,
                 "peak_mib": o.peak_mib,
                 "error": o.error,
@@ -884,6 +974,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for o in outcomes
         },
         "skipped": skipped,
+        "repeat": opts.repeat,
+        "baseline": baseline_name,
     }
     (opts.out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"results: {opts.out / 'results.json'}")

@@ -4,6 +4,7 @@ assignments, so that a wrong scorer cannot silently rank methods."""
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def test_phash_clusters_chain_within_distance() -> None:
     assert len(set(got.values())) == 4
 
 
-def test_main_end_to_end(tmp_path: Path) -> None:
+def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The whole loop on 6 tiny images with the two fastest peers: children, assignment files,
     results.json and the tables."""
     pytest.importorskip("imagehash")
@@ -221,9 +222,24 @@ def test_main_end_to_end(tmp_path: Path) -> None:
         rows.append((f"g{g}r.jpg", g, "resize", -1))
     pq.write_table(_labels(rows), data / "labels.parquet")
     out = tmp_path / "out"
-    rc = quality.main(["--data", str(data), "--out", str(out), "--method", "imagehash:phash", "--method", "immaculate:pdq"])
+    rc = quality.main(
+        ["--data", str(data), "--out", str(out), "--method", "imagehash:phash", "--method", "immaculate:pdq", "--repeat", "2"]
+    )
     assert rc == 0
+    printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
+    assert results["baseline"] == "imagehash:phash" and results["repeat"] == 2  # no dedup method: the first
+    # two rounds, the second backwards: pdq ran last then first; a throughput row per method
+    order = re.findall(r"^run  (\S+) \(round (\d)/2\)", printed, re.M)
+    assert order == [("imagehash:phash", "1"), ("immaculate:pdq", "1"), ("immaculate:pdq", "2"), ("imagehash:phash", "2")]
+    table = printed.split("Throughput over 2 rounds", 1)[1]
+    for name in ("imagehash:phash", "immaculate:pdq"):
+        runs = results["methods"][name]["runs"]
+        assert len(runs) == 2
+        walls = sorted(r["wall_seconds"] for r in runs)
+        assert results["methods"][name]["images_per_second"] == pytest.approx(6 / ((walls[0] + walls[1]) / 2))
+        assert f"| {name} |" in table
+    assert "| imagehash:phash | " in table and "1.00 1.00 | 1.00 |" in table  # the baseline against itself
     assert set(results["methods"]) == {"imagehash:phash", "immaculate:pdq"}
     for name, slug in (("imagehash:phash", "imagehash_phash"), ("immaculate:pdq", "immaculate_pdq")):
         r = results["methods"][name]
