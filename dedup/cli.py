@@ -100,7 +100,7 @@ def run(
     keep: Annotated[KeepPolicy | None, typer.Option(help="Which sample of a cluster to keep.")] = None,
     keep_column: Annotated[str | None, typer.Option(help="Metadata column for --keep column (highest wins), e.g. AESTHETIC_SCORE.")] = None,
     workers: Annotated[int | None, typer.Option(help="Shards processed at once (processes).", min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per model batch.", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model call (default: 8 on the CPU, 64 on a GPU).", min=1)] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Refuse images declaring more pixels than this, before decoding them (decompression bombs); such images are failed rows.", min=1)] = None,
     trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help="Allow loading model files that run code when loaded: TorchScript (sscd-torchscript) and pickled .pt/.bin CLIP weights. Only for files you trust.")] = False,
@@ -318,7 +318,7 @@ def index_add(
     sources: Annotated[list[str], typer.Argument(help="Folders, files or URLs to add (new sources, or sources of the index that gained shards).", show_default=False)],
     index: Annotated[Path, typer.Option("--index", "-i", help="The --out folder of the `dedup run` whose index grows.")],
     workers: Annotated[int | None, typer.Option(help="Shards processed at once (processes).", min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per model batch.", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model call (default: 8 on the CPU, 64 on a GPU).", min=1)] = None,
     quiet: Quiet = False,
 ) -> None:
     """Add new shards to a run's index and update its manifest, keep list and report.

@@ -97,7 +97,7 @@ class FeatureStep:
         workers = self.config.workers or os.cpu_count() or 1  # 0: one worker per core
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
         embedder = _embedder(self.config, threads)
-        batch_size = max(1, self.config.embed.batch_size)
+        batch_size = self.config.embed.batch()
         rows: list[dict[str, Any]] = []
         vectors: list[np.ndarray] = []
         regions: list[np.ndarray] = []

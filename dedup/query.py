@@ -232,7 +232,7 @@ def query(
     gen_thumbs: dict[str, bytes] = {}
     failed: list[tuple[str, str]] = []
     batch: list[np.ndarray] = []
-    batch_size = max(1, cfg.batch_size)
+    batch_size = cfg.batch()
     with prog("query (embed)", len(files), "img") as bar:
         for name, path in files:
             try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dedup.config import PRESETS, EmbedModel, KeepPolicy, RunConfig, Verifier, load_config
+from dedup.config import PRESETS, EmbedConfig, EmbedModel, KeepPolicy, RunConfig, Verifier, load_config
 from dedup.errors import ConfigError
 
 
@@ -65,3 +65,12 @@ def test_stage_key_ignores_settings_that_do_not_change_features() -> None:
     base = RunConfig()
     assert base.stage_key() == base.with_overrides({"search.threshold": 0.5, "embed.batch_size": 7}).stage_key()
     assert base.stage_key() != base.with_overrides({"embed.model": "sscd_distilled"}).stage_key()
+
+
+def test_batch_size_by_device() -> None:
+    """0 (the default) picks the batch by device; a batch size given is kept."""
+    assert EmbedConfig().batch() == 8
+    assert EmbedConfig(device="cuda").batch() == EmbedConfig(device="cuda:1").batch() == 64
+    assert EmbedConfig(batch_size=5, device="cuda").batch() == 5
+    cfg = RunConfig().with_overrides({"embed.batch_size": 3})
+    assert cfg.embed.batch() == 3 and cfg.stage_key() == RunConfig().stage_key()  # speed only
