@@ -780,6 +780,18 @@ def _load() -> dict[str, float]:
     return {"1min": round(one, 2), "5min": round(five, 2), "15min": round(fifteen, 2)}
 
 
+def _cpu_model() -> str | None:
+    """The processor's name (Linux's /proc/cpuinfo): hosts differ in speed by 2x and more, and
+    not alike for every method (model-bound ones move most), so a run says where it ran."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:
@@ -859,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start_load = _load()
     print(f"load average at start (1/5/15 min): {start_load['1min']} {start_load['5min']} {start_load['15min']} "
-          f"on {os.cpu_count()} CPUs")
+          f"on {os.cpu_count()} CPUs ({_cpu_model() or 'processor unknown'})")
     labels = load_labels(opts.data)
     images = opts.data / "images"
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -956,7 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "limit": opts.limit,
             "seed": opts.seed,
         },
-        "machine": {"cpus": os.cpu_count(), "load_start": start_load, "load_end": end_load},
+        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "load_start": start_load, "load_end": end_load},
         "dedup": {"command": dedup or "the dedup console script", "checkout": git},
         "methods": {
             o.method.name: {
