@@ -60,8 +60,9 @@ img/s and peak RSS. Timings are on a shared machine: the load average is printed
 end. ``--repeat N`` runs every method N times in rounds that alternate the method order
 (forward, backward, ...): the tables give the median timings, and a third table each round's
 img/s and each method's ratio to ``--baseline``'s in the same round, so a speed claim rests on
-several same-round ratios rather than on one run of each. ``--limit N`` scores a subset: whole groups (and the groups their lookalikes point at),
-picked in a seeded random order until N images, hard-linked into ``OUT/_subset/images``.
+several same-round ratios rather than on one run of each. ``--limit N`` scores a subset: whole
+groups (and the groups their lookalikes point at), picked in a seeded random order until N
+images, hard-linked into ``OUT/_subset/images``.
 
 This module imports only the standard library at the top so that ``_worker`` (the child side)
 runs under another Python (imagededup's); numpy / pyarrow are imported where used.
@@ -507,34 +508,28 @@ class Outcome:
     error: str | None = None
     skipped: str | None = None
     images: int = 0
-    runs: list[dict[str, Any]] = field(default_factory=list)  # every measured run (--repeat), in order
-
-    def _measured(self) -> list[dict[str, Any]]:
-        return self.runs or ([self.run] if self.run is not None else [])
+    runs: list[dict[str, Any]] = field(default_factory=list)  # every measured run (--repeat), in order; ``run`` is the last
 
     @property
     def wall(self) -> float | None:
         """Wall seconds: the median over the repeats."""
-        runs = self._measured()
-        return statistics.median(r["wall_seconds"] for r in runs) if runs else None
+        return statistics.median(r["wall_seconds"] for r in self.runs) if self.runs else None
 
     @property
     def cpu(self) -> float | None:
         """CPU seconds (user + sys, the process tree): the median over the repeats."""
-        runs = self._measured()
-        return statistics.median(r["cpu_seconds"] for r in runs) if runs else None
+        return statistics.median(r["cpu_seconds"] for r in self.runs) if self.runs else None
 
     @property
     def peak_mib(self) -> float | None:
         """Peak RSS: the largest over the repeats."""
-        runs = self._measured()
-        return max(max(r["tree_peak_rss_mib"], r["max_rss_mib"]) for r in runs) if runs else None
+        return max(max(r["tree_peak_rss_mib"], r["max_rss_mib"]) for r in self.runs) if self.runs else None
 
     def absorb(self, later: Outcome) -> None:
         """Fold a repeat's outcome into this one: its timing joins the rest; its failure, or a
         score that differs from the first run's (a method that is not deterministic), is kept."""
         if later.run is not None:
-            self.runs = [*self._measured(), later.run]
+            self.runs = [*self.runs, later.run]
             self.run = later.run
         if later.error and not self.error:
             self.error = later.error
@@ -671,6 +666,7 @@ def run_method(
     cmd = outcome.command if timeout is None else ["timeout", "-k", "10", str(timeout), *outcome.command]
     stats = run_measured(cmd, log)
     outcome.run = asdict(stats)
+    outcome.runs = [outcome.run]
     if timeout is not None and stats.returncode in (124, 137):
         outcome.error = f"timed out after {timeout:g} s (--timeout); log: {log}"
         return outcome
@@ -870,8 +866,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"method names map to the same output folder: {slugs}")
 
     start_load = _load()
+    cpu_model = _cpu_model()
     print(f"load average at start (1/5/15 min): {start_load['1min']} {start_load['5min']} {start_load['15min']} "
-          f"on {os.cpu_count()} CPUs ({_cpu_model() or 'processor unknown'})")
+          f"on {os.cpu_count()} CPUs ({cpu_model or 'processor unknown'})")
     labels = load_labels(opts.data)
     images = opts.data / "images"
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -924,8 +921,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             tag = f"run  {m.name}" + (f" (round {round_ + 1}/{opts.repeat})" if opts.repeat > 1 else "")
             print(f"{tag}: {shlex.join(method_command(m, images, opts.out / m.slug, idd_python, dedup))}", flush=True)
             o = run_method(m, images, labels, opts.out, idd_python, dedup, len(on_disk), opts.timeout)
-            if o.run is not None:
-                o.runs = [o.run]
             if m.name in by_name:
                 by_name[m.name].absorb(o)
             else:
@@ -968,7 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "limit": opts.limit,
             "seed": opts.seed,
         },
-        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "load_start": start_load, "load_end": end_load},
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model, "load_start": start_load, "load_end": end_load},
         "dedup": {"command": dedup or "the dedup console script", "checkout": git},
         "methods": {
             o.method.name: {

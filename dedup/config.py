@@ -87,7 +87,9 @@ class EmbedConfig:
         """Images per model call: ``batch_size``, or when 0 the one for ``device``."""
         if self.batch_size > 0:
             return self.batch_size
-        return _CPU_BATCH if self.device.split(":", 1)[0] == "cpu" else _GPU_BATCH
+        from dedup.embed.base import parse_device  # dedup.embed imports this module
+
+        return _CPU_BATCH if parse_device(self.device)[0] == "cpu" else _GPU_BATCH
 
 
 @dataclass(frozen=True, slots=True)

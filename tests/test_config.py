@@ -69,7 +69,7 @@ def test_stage_key_ignores_settings_that_do_not_change_features() -> None:
 
 def test_batch_size_by_device() -> None:
     """0 (the default) picks the batch by device; a batch size given is kept."""
-    assert EmbedConfig().batch() == 8
+    assert EmbedConfig().batch() == EmbedConfig(device="CPU").batch() == 8  # as the embedders parse it
     assert EmbedConfig(device="cuda").batch() == EmbedConfig(device="cuda:1").batch() == 64
     assert EmbedConfig(batch_size=5, device="cuda").batch() == 5
     cfg = RunConfig().with_overrides({"embed.batch_size": 3})
