@@ -18,6 +18,23 @@ class ShardKind(StrEnum):
     EMBEDDINGS = "embeddings"  # clip-retrieval: img_emb/img_emb_K.npy + metadata/metadata_K.parquet
 
 
+def source_prefix(index: int, n_sources: int) -> str:
+    """The prefix of the shard and sample ids of the ``index``-th of ``n_sources`` sources.
+
+    One source: none; several: ``s<index>/``, so ids stay unique in a run and stable across
+    runs over the same sources. The one place this rule is written (discover, the index's
+    catalog and ``index add`` all ask here)."""
+    return f"s{index}/" if n_sources > 1 else ""
+
+
+def source_index(shard_id: str, n_sources: int) -> int:
+    """The source a shard id came from: the inverse of :func:`source_prefix`."""
+    if n_sources <= 1:
+        return 0
+    head, _, _ = shard_id.partition("/")
+    return int(head[1:])
+
+
 @dataclass(frozen=True, slots=True)
 class Shard:
     """One unit of work, parallelism and checkpointing.

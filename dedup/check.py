@@ -12,7 +12,7 @@ The work grows with the drop: only the drop is decoded and embedded, and every s
 drop's rows as queries against indexes read from disk (the baseline is never re-embedded nor
 re-searched against itself). The baseline is read once, under a shared lock, and never written:
 any number of checks can run against one index at once; ``update=True`` adds the drop through
-:func:`dedup.index.add` (exclusive lock) when the gate passes, failing cleanly if the index
+:func:`dedup.add.add` (exclusive lock) when the gate passes, failing cleanly if the index
 changed since it was read.
 
 The signals and thresholds are the baseline's own (its config, in ``index/meta.json``), so a
@@ -49,7 +49,8 @@ from dedup._types import Shard, ShardKind
 from dedup.cluster import components
 from dedup.config import GateConfig, KeepPolicy, RunConfig
 from dedup.errors import ConfigError
-from dedup.index import AddPlan, Index, IndexUnreadableError, add, hash_codes, open_index, plan_add, resolve_source
+from dedup.add import AddPlan, add, plan_add
+from dedup.store import Index, IndexUnreadableError, hash_codes, open_index, resolve_source
 from dedup.manifest import build_manifest
 from dedup.search import Edges, Signal, normalise_caption, normalise_url
 from dedup.select import keepers

@@ -328,7 +328,7 @@ def index_add(
 
     Example: dedup index add drops/2024-06-03/ --index dedup-out/
     """
-    from dedup.index import add
+    from dedup.add import add
 
     try:
         added = add(sources, index, workers=workers, batch_size=batch_size, progress=_progress_factory(quiet))

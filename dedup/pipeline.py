@@ -39,7 +39,7 @@ from dedup.errors import ConfigError, OutputError, SourceError
 from dedup.executors.base import Executor, Markers, merge_stats
 from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
-from dedup.index import Catalog, index_dir, index_lock, write_index
+from dedup.store import Catalog, index_dir, index_lock, write_index
 from dedup.manifest import Manifest, write_keep_list, write_manifest
 from dedup.verify import load_regions, load_trims, second_look
 from dedup.partition import VectorFiles, auto_settings, partitioned_edges

@@ -68,7 +68,7 @@ class QueryResult:
 
 @dataclass(frozen=True, slots=True)
 class TrainingIndex:
-    """A run's index, opened for search (on top of :func:`dedup.index.read_index`)."""
+    """A run's index, opened for search (on top of :func:`dedup.store.read_index`)."""
 
     path: Path  # the index folder
     meta: dict[str, Any]
@@ -116,8 +116,8 @@ def open_index(path: str | Path) -> TrainingIndex:
         IndexUnreadableError: no index there, another format, or damaged files.
         SourceError: an index without embeddings (a run with ``--model none``).
     """
-    from dedup.index import INDEX_DIR, META, index_lock, read_index
-    from dedup.index import open_index as open_run_index
+    from dedup.store import INDEX_DIR, META, index_lock, read_index
+    from dedup.store import open_index as open_run_index
 
     given = Path(path)
     if (given / META).is_file() and not (given / INDEX_DIR / META).is_file():

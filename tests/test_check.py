@@ -19,7 +19,8 @@ from dedup import run
 from dedup.check import BASELINE_COLUMNS, baseline_links, check
 from dedup.cli import app
 from dedup.config import GateConfig, RunConfig
-from dedup.index import open_index, plan_add
+from dedup.add import plan_add
+from dedup.store import open_index
 from dedup.search import Signal
 
 FAST = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 8})

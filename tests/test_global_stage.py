@@ -206,12 +206,12 @@ def test_precomputed_index_records_its_kind_and_query_and_check_refuse_it(tmp_pa
 def test_faiss_files_on_a_full_disk_are_an_output_error_and_leave_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import faiss
 
-    import dedup.index
+    import dedup.store
 
     index = faiss.IndexFlatIP(8)
     index.add(np.eye(8, dtype=np.float32))
     path = tmp_path / "embeddings.faiss"
-    dedup.index.write_faiss(path, index)
+    dedup.store.write_faiss(path, index)
     assert faiss.read_index(str(path)).ntotal == 8
     before = path.read_bytes()
 
@@ -234,10 +234,10 @@ def test_faiss_files_on_a_full_disk_are_an_output_error_and_leave_nothing(tmp_pa
         def __getattr__(self, name: str) -> Any:
             return getattr(self.fh, name)
 
-    monkeypatch.setattr(dedup.index, "open", lambda p, mode="r", *a, **k: FullDisk(real_open(p, mode, *a, **k)), raising=False)
+    monkeypatch.setattr(dedup.store, "open", lambda p, mode="r", *a, **k: FullDisk(real_open(p, mode, *a, **k)), raising=False)
     index.add(np.eye(8, dtype=np.float32))
     with pytest.raises(OutputError, match="the disk is full"):
-        dedup.index.write_faiss(path, index)
+        dedup.store.write_faiss(path, index)
     assert path.read_bytes() == before  # the old file stands, whole
     assert [p.name for p in tmp_path.iterdir()] == ["embeddings.faiss"]  # no truncated temp file
 
@@ -277,7 +277,7 @@ def test_two_runs_into_one_folder_are_locked_against_each_other(tmp_path: Path) 
 
 
 def test_index_add_reads_the_stored_vectors_in_pieces_and_equals_the_full_run(tmp_path: Path) -> None:
-    from dedup.index import add
+    from dedup.add import add
 
     cfg = RunConfig().with_overrides({"search.threshold": 0.95, "search.partition_above": 100})
     a = _clip_dir(tmp_path / "a", n=300, seed=1)

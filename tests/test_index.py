@@ -17,12 +17,12 @@ from dedup import run
 from dedup.cli import app
 from dedup.config import RunConfig
 from dedup.featurize import SCHEMA, FeatureStep
-from dedup.index import (
+from dedup.add import add
+from dedup.store import (
     FORMAT,
     IndexBusyError,
     IndexConflictError,
     IndexUnreadableError,
-    add,
     index_lock,
     open_index,
 )

@@ -13,7 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup._types import Shard, ShardKind
+from dedup._types import Shard, ShardKind, source_prefix
 from dedup.errors import ConfigError, SourceError
 from dedup.sources._embeddings import discover_embedding_file, discover_embeddings, is_embedding_file
 from dedup.sources._common import (
@@ -67,10 +67,9 @@ def discover(sources: Sequence[str], *, folder_batch: int = 1000) -> list[Shard]
         raise ConfigError(f"folder_batch must be at least 1, got {folder_batch}; hint: the default is 1000")
     if not sources:
         raise SourceError("no source given; hint: pass at least one folder, file or URL")
-    several = len(sources) > 1
     shards: list[Shard] = []
     for index, source in enumerate(sources):
-        prefix = f"s{index}/" if several else ""
+        prefix = source_prefix(index, len(sources))
         shards.extend(_discover_source(source, prefix, folder_batch))
     # Ids name checkpoint files and fill the manifest's shard column: both need valid UTF-8,
     # and a file name need not be (the path itself stays as the filesystem spells it).

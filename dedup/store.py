@@ -1,4 +1,8 @@
-"""The index a run leaves for later commands (``check``, ``index add``, ``query``), and adding to it.
+"""The index store: what a run leaves for later commands (``check``, ``index add``, ``query``).
+
+Its format, its lock and its catalog, written by :func:`write_index` (under the exclusive
+:func:`index_lock`) and read by :func:`open_index`. Growing an index is :mod:`dedup.add`, a
+command above the pipeline; this module sits below it and knows nothing of how rows are made.
 
 Layout of ``OUT/index/``, versioned by ``meta.json``'s ``format`` (:data:`FORMAT`)::
 
@@ -17,14 +21,9 @@ Layout of ``OUT/index/``, versioned by ``meta.json``'s ``format`` (:data:`FORMAT
 
 Index order is ``dedup run``'s order over the index's sources: sources in the order they joined
 the index, shards by id within a source, samples in read order. Sample ids follow ``run``'s rule
-for several sources: once an index holds more than one source, every shard and sample id starts
-with ``s<i>/``, ``i`` being the source's position in ``meta.json``'s ``sources``. So
-``run A`` + ``index add B`` is ``run A B`` byte for byte, and the first add of a second source
-renames the existing ids from ``x`` to ``s0/x``.
-
-:func:`add` decodes and embeds only the shards the index does not hold yet (a shard is known by
-its id and stamp), then reruns the global stages (search, cluster, select, outputs) over the
-stored features plus the new ones: the same code over the same rows as a run from scratch.
+for several sources (:func:`dedup._types.source_prefix`): once an index holds more than one
+source, every shard and sample id starts with ``s<i>/``, ``i`` being the source's position in
+``meta.json``'s ``sources``.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
@@ -46,17 +45,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dedup import __version__
-from dedup._progress import silent
-from dedup._io import atomic_path, atomic_write_text, output_errors
-from dedup._types import Shard, ShardKind
+from dedup._io import atomic_path, atomic_write_text
+from dedup._types import Shard, ShardKind, source_index
 from dedup.config import RunConfig, from_dict, to_dict
 from dedup.errors import DedupError
 from dedup.rows import FeatureRows, as_rows
 from dedup.search import pack_uint64
-
-if TYPE_CHECKING:
-    from dedup.executors.base import Executor
-    from dedup.pipeline import ProgressFactory, RunResult
 
 FORMAT = 2
 INDEX_DIR = "index"
@@ -134,7 +128,7 @@ class Catalog:
         entries = tuple(
             IndexedShard(
                 shard=s,
-                source_index=_source_index(s.shard_id, len(given)),
+                source_index=source_index(s.shard_id, len(given)),
                 rows=rows.get(s.shard_id, 0),
                 embedded=embedded.get(s.shard_id, 0),
                 stats=per_shard.get(s.shard_id, {}),
@@ -471,258 +465,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-# --------------------------------------------------------------------------------------------
-# Adding
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AddPlan:
-    """What adding ``sources`` to an index means, before anything is decoded."""
-
-    sources: tuple[IndexedSource, ...]  # the index's sources after the add
-    rename: bool  # the index goes from one source to several: existing ids gain "s0/"
-    new: tuple[Shard, ...]  # shards to decode and add, with their ids in the index, in index order
-    known: tuple[Shard, ...]  # shards of ``sources`` the index already holds (skipped)
-    source_of: dict[str, int]  # new shard id -> its source's position in ``sources``
-
-    def prefix(self, source_index: int) -> str:
-        """The prefix of the ids of a source's shards and samples in the index after the add."""
-        return f"s{source_index}/" if len(self.sources) > 1 else ""
-
-
-@dataclass(frozen=True, slots=True)
-class AddResult:
-    out: Path
-    added_shards: int
-    added_samples: int
-    known_shards: int  # shards of the sources that the index already held
-    result: RunResult | None  # the rewritten outputs; None when there was nothing new
-
-
-def plan_add(index: Index, sources: Sequence[str] | str, *, folder_batch: int | None = None) -> AddPlan:
-    """Which shards of ``sources`` are new to ``index``, and the ids they get there.
-
-    A source the index already holds (same real path or URL, however spelled) keeps its
-    position and its spelling; others join at the end. A shard is known by its id; a known id
-    with another stamp (the file was replaced) is a conflict, since adding cannot take rows out.
-
-    Raises:
-        SourceError: a source cannot be read (as for ``dedup run``).
-        IndexConflictError: a shard the index holds has changed since.
-    """
-    from dedup.sources import discover
-
-    given = [sources] if isinstance(sources, str) else list(sources)
-    batch = folder_batch if folder_batch is not None else index.config.folder_batch
-    known_sources = list(index.catalog.sources)
-    position = {s.resolved: i for i, s in enumerate(known_sources)}
-    targets: list[tuple[int, str]] = []  # (source index, the string to discover)
-    for source in given:
-        resolved = resolve_source(source)
-        if resolved not in position:
-            position[resolved] = len(known_sources)
-            known_sources.append(IndexedSource(source, resolved))
-        target = (position[resolved], source)
-        if all(t[0] != target[0] for t in targets):
-            targets.append(target)
-    several = len(known_sources) > 1
-    rename = several and len(index.catalog.sources) == 1  # run's ids for one source have no prefix
-    held = {("s0/" if rename else "") + e.shard.shard_id: e.shard for e in index.catalog.shards}
-    new: list[tuple[int, Shard]] = []
-    known: list[Shard] = []
-    for source_index, source in targets:
-        prefix = f"s{source_index}/" if several else ""
-        for local in discover([source], folder_batch=batch):
-            shard = dataclasses.replace(
-                local, shard_id=prefix + local.shard_id, source=known_sources[source_index].source
-            )
-            old = held.get(shard.shard_id)
-            if old is None:
-                new.append((source_index, shard))
-            elif old.stamp == shard.stamp:
-                known.append(shard)
-            else:
-                raise IndexConflictError(
-                    f"shard {shard.shard_id!r} of {source!r} changed since it was indexed; hint: "
-                    "`index add` only adds: put new data in new files or a new folder (a folder of "
-                    "loose images cannot grow in place), or rebuild with `dedup run`"
-                )
-    new.sort(key=lambda pair: (pair[0], pair[1].shard_id))
-    return AddPlan(
-        tuple(known_sources), rename, tuple(s for _, s in new), tuple(known), {s.shard_id: i for i, s in new}
-    )
-
-
-@output_errors("out")  # a full disk or read-only OUT: OutputError, not a traceback
-def add(
-    sources: Sequence[str] | str,
-    out: str | Path,
-    *,
-    workers: int | None = None,
-    batch_size: int | None = None,
-    work: str | Path | None = None,
-    expect_generation: int | None = None,
-    executor: Executor | None = None,
-    progress: ProgressFactory | None = None,
-) -> AddResult:
-    """Add the new shards of ``sources`` to the index of ``out`` and rewrite its outputs.
-
-    Only the new shards are decoded and embedded (into ``work``, default ``OUT/.work/<stage>/``:
-    checkpointed, so an interrupted add resumes). The index's own config is used and recorded
-    (``workers`` and ``batch_size`` only change the speed). The rows are merged in index order and the
-    global stages rerun, all behind the exclusive lock; the expensive decoding runs before it,
-    so concurrent checks are held up only while the outputs are rewritten. ``expect_generation``
-    makes the add fail if the index changed since it was read (``check --update``).
-
-    Raises:
-        IndexUnreadableError, IndexConflictError, SourceError, OutputError.
-    """
-    from dedup import pipeline
-
-    out_dir = Path(out)
-    directory = index_dir(out_dir)
-    prog = progress or silent
-    snapshot = open_index(out_dir)
-    cfg = snapshot.config  # the index's settings: what the outputs and the index record
-    speed = cfg.with_overrides({"workers": workers, "embed.batch_size": batch_size})  # same results
-    work_dir = Path(work) if work is not None else out_dir / pipeline.WORK_DIR / cfg.stage_key()
-    plan = plan_add(snapshot, sources, folder_batch=cfg.folder_batch)
-    if plan.new:  # the expensive part, outside the lock: checkpoints only, no index file touched
-        pipeline.featurize(plan.new, work_dir, speed, executor=executor, progress=prog)
-    with index_lock(directory, exclusive=True):
-        index = read_index(directory, columns=None)  # vectors: memory-mapped by merge, a block at a time
-        if index.config != cfg:
-            raise IndexConflictError(
-                f"the index in {directory} was rebuilt with other settings while this add ran; "
-                "hint: run the add again"
-            )
-        if expect_generation is not None and index.generation != expect_generation:
-            raise IndexConflictError(
-                f"the index in {directory} changed while this command ran (generation "
-                f"{expect_generation} → {index.generation}); hint: run the check again"
-            )
-        plan = plan_add(index, sources, folder_batch=cfg.folder_batch)  # another add may have landed
-        if not plan.new:
-            return AddResult(out_dir, 0, 0, len(plan.known), None)
-        new_table, new_vectors, per_shard = pipeline.featurize(plan.new, work_dir, speed, executor=executor, progress=prog)
-        from dedup.config import save_config
-        from dedup.executors.base import merge_stats
-        from dedup.featurize import FeatureStep
-
-        # The index's embeddings are read through a hard link (write_index replaces the file
-        # they are read from); the new shards' from their checkpoints: nothing is concatenated.
-        pinned = work_dir / f"index-{EMBEDDINGS}"
-        pinned.unlink(missing_ok=True)
-        try:
-            os.link(directory / EMBEDDINGS, pinned)
-        except OSError:  # no hard links there: read them into memory, as small indexes are anyway
-            pinned = None  # type: ignore[assignment]
-            index = read_index(directory, columns=None, vectors=True)
-        step = FeatureStep(config=speed, out_dir=work_dir / pipeline.FEATURES)
-        try:
-            table, vectors, catalog = merge(
-                index, plan, new_table, new_vectors, per_shard,
-                stored=pinned, new_paths={s.shard_id: step.paths(s)[1] for s in plan.new},
-                in_memory_below=cfg.search.partition_above,
-            )  # fmt: skip
-            save_config(cfg, out_dir / "config.json")
-            result = pipeline.finish(
-                table,
-                vectors,
-                out_dir,
-                cfg,
-                shard_stats=merge_stats([e.stats for e in catalog.shards]),
-                progress=prog,
-                shards=[e.shard for e in catalog.shards],
-                catalog=catalog,
-                features_dir=work_dir / pipeline.FEATURES,
-            )
-        finally:
-            if pinned is not None:
-                pinned.unlink(missing_ok=True)
-    return AddResult(out_dir, len(plan.new), new_table.num_rows, len(plan.known), result)
-
-
-def merge(
-    index: Index,
-    plan: AddPlan,
-    new_table: pa.Table,
-    new_vectors: np.ndarray,
-    per_shard: dict[str, dict[str, Any]],
-    *,
-    stored: Path | None = None,
-    new_paths: dict[str, Path] | None = None,
-    in_memory_below: int | None = None,
-) -> tuple[pa.Table, np.ndarray, Catalog]:
-    """The index's rows plus the new shards' rows, in index order (what a run would read).
-
-    Vectors: with ``stored`` (the index's embeddings.npy, or a link to it) and ``new_paths``
-    (each new shard's checkpoint ``.npy``), a :class:`~dedup.partition.VectorFiles` over pieces
-    of those files in index order, read a block at a time (materialised when there are at most
-    ``in_memory_below`` of them, as a run does); otherwise ``index.vectors`` and ``new_vectors``
-    concatenated in memory.
-    """
-    from dedup.featurize import SCHEMA
-    from dedup.partition import VectorFiles
-
-    old = index.samples.select(SCHEMA.names).cast(SCHEMA)
-    entries = list(index.catalog.shards)
-    if plan.rename:
-        old = _prefixed(old, "s0/")
-        entries = [
-            dataclasses.replace(e, shard=dataclasses.replace(e.shard, shard_id="s0/" + e.shard.shard_id))
-            for e in entries
-        ]
-    streamed = stored is not None and new_paths is not None
-    if streamed:
-        vectors: Any = None
-        total = int(index.meta.get("embedded") or 0)
-    else:
-        vectors = index.vectors if index.vectors is not None else np.zeros((0, 0), np.float32)
-        total = int(vectors.shape[0])
-    pieces: list[tuple[tuple[int, str], IndexedShard, pa.Table, Any]] = []
-    row = emb = 0
-    for e in entries:
-        part = (stored, emb, emb + e.embedded) if streamed else vectors[emb : emb + e.embedded]
-        pieces.append(((e.source_index, e.shard.shard_id), e, old.slice(row, e.rows), part))
-        row += e.rows
-        emb += e.embedded
-    if row != old.num_rows or emb != total:
-        raise IndexUnreadableError(
-            f"the index in {index.directory} is inconsistent (shards.parquet does not account for "
-            "every sample); hint: rebuild it with `dedup run`"
-        )
-    rows, embedded = _counts_by_shard(new_table)
-    row = emb = 0
-    for shard in plan.new:
-        n, k = rows.get(shard.shard_id, 0), embedded.get(shard.shard_id, 0)
-        entry = IndexedShard(shard, plan.source_of[shard.shard_id], n, k, per_shard.get(shard.shard_id, {}))
-        part = (new_paths[shard.shard_id], 0, k) if streamed else new_vectors[emb : emb + k]  # type: ignore[index]
-        pieces.append(((entry.source_index, shard.shard_id), entry, new_table.slice(row, n), part))
-        row += n
-        emb += k
-    pieces.sort(key=lambda p: p[0])
-    table = pa.concat_tables([p[2] for p in pieces]) if pieces else SCHEMA.empty_table()
-    catalog = Catalog(plan.sources, tuple(p[1] for p in pieces))
-    if streamed:
-        files = VectorFiles([p[3] for p in pieces if p[3][2] > p[3][1]])
-        if in_memory_below is not None and len(files) > in_memory_below:
-            return table, files, catalog  # type: ignore[return-value]  # array-like; see VectorFiles
-        return table, (np.asarray(files) if len(files) else np.zeros((0, 0), np.float32)), catalog
-    parts = [p[3] for p in pieces if p[3].ndim == 2 and p[3].shape[0]]
-    all_vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return table, all_vectors, catalog
-
-
-def _prefixed(table: pa.Table, prefix: str) -> pa.Table:
-    for name in ("sample_id", "shard"):
-        i = table.schema.get_field_index(name)
-        column = pc.binary_join_element_wise(pa.scalar(prefix), table.column(name), "")
-        table = table.set_column(i, table.schema.field(i), column)
-    return table
-
-
 def _counts_by_shard(table: pa.Table | FeatureRows) -> tuple[dict[str, int], dict[str, int]]:
     """Rows and embedded rows per value of the ``shard`` column (a part at a time)."""
     rows: dict[str, int] = {}
@@ -739,10 +481,3 @@ def _counts_by_shard(table: pa.Table | FeatureRows) -> tuple[dict[str, int], dic
             embedded[s] = embedded.get(s, 0) + int(e or 0)
     return rows, embedded
 
-
-def _source_index(shard_id: str, n_sources: int) -> int:
-    """The source a run's shard came from: ``s<i>/`` prefixes it when a run has several."""
-    if n_sources <= 1:
-        return 0
-    head, _, _ = shard_id.partition("/")
-    return int(head[1:])
