@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo test test-fast test-torch bench-e2e bench-quality bench-speed clean
+.PHONY: install lint demo test test-fast test-torch bench-e2e bench-quality bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/dedup demo --out demo-out
 
-test: install
+# The layers (import-linter contracts in pyproject.toml) and ruff first: seconds, and a broken
+# contract is a design regression whatever the tests say.
+lint: install
+	$(BIN)/ruff check dedup cli.py tests bench
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -8,8 +8,7 @@ The library behind the ``dedup`` command::
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from dedup._version import __version__  # noqa: E402
 from dedup.config import RunConfig, load_config  # noqa: E402
 from dedup.errors import DedupError  # noqa: E402
 

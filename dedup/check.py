@@ -25,34 +25,29 @@ check finds the links that ``index add`` would make. The numbers behind the limi
 * **largest cluster**: the largest cluster holding a drop sample once the drop joins the index:
   drop samples plus the members of every baseline cluster they link to.
 
-Nothing here prints or exits: :func:`check` returns a :class:`CheckResult`; :func:`to_json`,
-:func:`to_junit`, :func:`to_markdown` and :func:`summary_lines` render it.
+Nothing here prints or exits: :func:`check` returns a :class:`CheckResult`, which
+:mod:`dedup.check_report` renders (terminal, JSON, JUnit, Markdown).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dedup._progress import silent
-from dedup._types import Shard, ShardKind
 from dedup.cluster import components
 from dedup.config import GateConfig, KeepPolicy, RunConfig
-from dedup.errors import ConfigError
 from dedup.add import AddPlan, add, plan_add
-from dedup.store import Index, IndexUnreadableError, hash_codes, open_index, resolve_source
+from dedup.signals import BASE_COLUMNS, cross_links, find_edges, refuse_mixed_vectors, vector_kinds
+from dedup.store import Index, open_index, resolve_source
 from dedup.manifest import build_manifest
-from dedup.search import Edges, Signal, normalise_caption, normalise_url
+from dedup.search import Edges, Signal
 from dedup.select import keepers
 
 if TYPE_CHECKING:
@@ -60,9 +55,7 @@ if TYPE_CHECKING:
     from dedup.pipeline import ProgressFactory
 
 # The baseline columns a check reads (samples.parquet), all in one consistent snapshot.
-BASELINE_COLUMNS = (
-    "sample_id", "url", "caption", "status", "has_image", "embedded", "sha256", "pixel_sha256", "cluster_id",
-)
+BASELINE_COLUMNS = tuple(dict.fromkeys(("sample_id", *BASE_COLUMNS, "cluster_id")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +223,11 @@ def check(
     base = open_index(against, columns=BASELINE_COLUMNS, search=True)
     cfg = base.config.with_overrides({"workers": workers, "embed.batch_size": batch_size})
     plan = plan_add(base, [source], folder_batch=cfg.folder_batch)
-    refuse_mixed_vectors(base, plan.new, cfg)
+    if int(base.meta.get("embedded") or 0):
+        refuse_mixed_vectors(
+            str(base.meta.get("model", base.config.embed.model.value)), vector_kinds(plan.new, cfg),
+            where=f"the index in {base.directory}", dim=base.meta.get("dim"),
+        )
     loaded = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dedup-check-") as tmp:
         work_dir = (Path(work) if work is not None else Path(tmp)) / cfg.stage_key()
@@ -284,160 +281,6 @@ def check(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CrossLinks:
-    """Links from drop rows to baseline rows (not symmetric, so not :class:`Edges`)."""
-
-    drop: np.ndarray  # int64 drop rows
-    base: np.ndarray  # int64 baseline rows
-    score: np.ndarray  # float32
-    signal: np.ndarray  # int8 Signal codes
-
-    @classmethod
-    def of(cls, drop: np.ndarray, base: np.ndarray, score: np.ndarray, signal: Signal) -> CrossLinks:
-        n = len(drop)
-        return cls(
-            np.asarray(drop, np.int64),
-            np.asarray(base, np.int64),
-            np.asarray(score, np.float32).reshape(n),
-            np.full(n, int(signal), np.int8),
-        )
-
-    @classmethod
-    def concat(cls, parts: Sequence[CrossLinks]) -> CrossLinks:
-        if not parts:
-            return cls.of(np.empty(0), np.empty(0), np.empty(0), Signal.EXACT_BYTES)
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("drop", "base", "score", "signal")))
-
-    def __len__(self) -> int:
-        return int(self.drop.shape[0])
-
-
-def refuse_mixed_vectors(base: Index, new: Sequence[Shard], cfg: RunConfig) -> None:
-    """Refuse a drop whose vectors are of another kind than the index's: precomputed embeddings
-    (CLIP, usually) against a model's, or the other way round. Scores between them mean nothing,
-    and nothing else would notice when the dimensions agree.
-
-    Raises:
-        ConfigError: the kinds differ.
-    """
-    from dedup.config import EmbedModel
-    from dedup.pipeline import PRECOMPUTED
-
-    if not int(base.meta.get("embedded") or 0):
-        return
-    theirs = str(base.meta.get("model", base.config.embed.model.value))
-    precomputed = [s for s in new if s.kind is ShardKind.EMBEDDINGS]
-    images = [s for s in new if s.kind is not ShardKind.EMBEDDINGS]
-    mine = {PRECOMPUTED} if precomputed else set()
-    if images and cfg.embed.model is not EmbedModel.NONE:
-        mine.add(cfg.embed.model.value)
-    other = sorted(m for m in mine if m != theirs)
-    if other:
-        raise ConfigError(
-            f"the index in {base.directory} holds {theirs} embeddings ({base.meta.get('dim')}-d) and the "
-            f"drop gives {other[0]} ones: they cannot be compared; hint: check a drop of the same kind "
-            "(precomputed embeddings against an index of precomputed embeddings, images against an index of images)"
-        )
-
-
-def baseline_links(base: Index, table: pa.Table, vectors: np.ndarray, cfg: RunConfig) -> CrossLinks:
-    """Every link from a drop row to a baseline row that the configured signals make.
-
-    The same signals and thresholds as :func:`dedup.pipeline.find_edges`; the drop's rows are
-    the queries, the index's faiss files the database.
-    """
-    search = cfg.search
-    ok = _bool(table, "status", "ok")
-    has_image = _bool(table, "has_image") & ok
-    b = base.samples
-    b_ok = _bool(b, "status", "ok")
-    parts: list[CrossLinks] = []
-
-    if search.exact:
-        parts.append(_exact_links(table.column("sha256"), ok, b.column("sha256"), b_ok, Signal.EXACT_BYTES))
-        parts.append(_exact_links(table.column("pixel_sha256"), ok, b.column("pixel_sha256"), b_ok, Signal.EXACT_PIXELS))
-
-    if vectors.shape[0] and base.embeddings is not None:
-        if int(base.embeddings.d) != int(vectors.shape[1]):
-            raise IndexUnreadableError(
-                f"the index in {base.directory} holds {base.embeddings.d}-d embeddings, its model gives "
-                f"{vectors.shape[1]}-d ones; hint: the index is damaged or was built by another version: rebuild it"
-            )
-        rows = np.flatnonzero(_bool(table, "embedded"))
-        base_rows = np.flatnonzero(_bool(b, "embedded"))  # faiss id (emb_row) -> sample row
-        x = np.ascontiguousarray(vectors, np.float32)
-        # faiss keeps scores strictly above the radius; step just below so ">= threshold" holds.
-        radius = float(np.nextafter(np.float32(search.threshold), np.float32(-np.inf)))
-        for start in range(0, x.shape[0], max(1, search.block_size)):
-            stop = min(x.shape[0], start + search.block_size)
-            lims, dist, idx = base.embeddings.range_search(x[start:stop], radius)
-            q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims.astype(np.int64)))
-            keep = dist >= search.threshold
-            parts.append(CrossLinks.of(rows[q[keep]], base_rows[idx[keep]], dist[keep], Signal.EMBEDDING))
-
-    for column, distance, index, signal in (
-        ("pdq", search.pdq_distance, base.pdq, Signal.PDQ),
-        ("phash", search.phash_distance, base.phash, Signal.PHASH),
-    ):
-        if distance < 0 or index is None:
-            continue
-        rows, codes = hash_codes(table, column, has_image)
-        bits = codes.shape[1] * 8
-        for start in range(0, rows.shape[0], max(1, search.block_size)):
-            stop = min(rows.shape[0], start + search.block_size)
-            # faiss keeps distances strictly below the radius; ids are baseline sample rows.
-            lims, dist, ids = index.range_search(np.ascontiguousarray(codes[start:stop]), distance + 1)
-            q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims.astype(np.int64)))
-            score = 1.0 - np.asarray(dist, np.float32) / bits
-            parts.append(CrossLinks.of(rows[q], ids, score, signal))
-
-    # URL and caption links only between samples nobody could look at, as in a run.
-    meta_only = ok & ~_bool(table, "has_image")
-    if meta_only.any():
-        b_meta = b_ok & ~_bool(b, "has_image")
-        for enabled, column, norm, signal in (
-            (search.url, "url", normalise_url, Signal.URL),
-            (search.caption, "caption", normalise_caption, Signal.CAPTION),
-        ):
-            if not enabled or not b_meta.any():
-                continue
-            mine = [norm(v) if meta_only[r] else None for r, v in enumerate(table.column(column).to_pylist())]
-            theirs = [norm(v) if b_meta[r] else None for r, v in enumerate(b.column(column).to_pylist())]
-            parts.append(_first_holder_links(mine, theirs, signal))
-    return CrossLinks.concat(parts)
-
-
-def _exact_links(mine: pa.ChunkedArray, ok: np.ndarray, theirs: pa.ChunkedArray, their_ok: np.ndarray, signal: Signal) -> CrossLinks:
-    """Drop rows whose value some ok baseline row holds, linked to the first such row. One
-    link is enough: the baseline's holders of one value already share a cluster."""
-    values = [v if ok[r] else None for r, v in enumerate(mine.to_pylist())]
-    wanted = pa.array([v for v in values if v], mine.type)
-    if not len(wanted):
-        return CrossLinks.concat([])
-    hit = np.asarray(pc.is_in(theirs, value_set=wanted).fill_null(False).to_numpy(zero_copy_only=False), bool) & their_ok
-    rows = np.flatnonzero(hit)
-    first: dict[bytes, int] = {}
-    for row, value in zip(rows.tolist(), theirs.take(pa.array(rows, pa.int64())).to_pylist(), strict=True):
-        first.setdefault(value, row)
-    return _first_holder_links(values, first, signal)
-
-
-def _first_holder_links(mine: Sequence[object], theirs: Sequence[object] | dict[Any, int], signal: Signal) -> CrossLinks:
-    if not isinstance(theirs, dict):
-        first: dict[Any, int] = {}
-        for row, value in enumerate(theirs):
-            if value:
-                first.setdefault(value, row)
-        theirs = first
-    drop, base = [], []
-    for row, value in enumerate(mine):
-        if value and value in theirs:
-            drop.append(row)
-            base.append(theirs[value])
-    return CrossLinks.of(np.array(drop, np.int64), np.array(base, np.int64), np.ones(len(drop), np.float32), signal)
-
-
 def resolve_position(plan: AddPlan, source: str) -> int:
     """The position ``source`` has (or would get) among the index's sources."""
     resolved = resolve_source(source)
@@ -450,8 +293,6 @@ def _assess(
     """Every number of a :class:`CheckResult` but the bookkeeping ones, and the verdict.
 
     ``strip``: the index prefix of the drop's ids, left out of the ids shown."""
-    from dedup.pipeline import find_edges
-
     m = table.num_rows
     ok = _bool(table, "status", "ok")
     n_ok = int(ok.sum())
@@ -477,7 +318,7 @@ def _assess(
     )
 
     # Against the baseline: each drop sample's strongest link (exact first, then the highest score).
-    links = baseline_links(base, table, vectors, cfg)
+    links = cross_links(table, vectors, base, cfg)
     b = base.samples
     b_ids = b.column("sample_id")
     b_urls = b.column("url")
@@ -572,131 +413,3 @@ def _signal_rank(name: str, embedding_label: str) -> int:
         if _signal_label(int(s), embedding_label) == name:
             return int(s)
     return len(Signal)
-
-
-# --------------------------------------------------------------------------------------------
-# Renderings
-# --------------------------------------------------------------------------------------------
-
-
-def to_json(result: CheckResult) -> str:
-    return json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
-
-
-def summary_lines(result: CheckResult) -> list[str]:
-    """A few lines for people: the verdict, the drop, one line per limit, the worst match."""
-    verdict = "PASSED" if result.passed else f"FAILED ({len(result.failed_limits)} of {len(result.limits)} limits exceeded)"
-    lines = [
-        f"dedup check: {verdict}",
-        f"drop {result.source}: {result.samples} samples ({result.failed} failed) in {_shards(result.new_shards)}"
-        + (f" ({result.known_shards} already in the index, skipped)" if result.known_shards else "")
-        + f" · baseline {result.against}: {result.baseline_samples} samples",
-    ]
-    for limit in result.limits:
-        status = "off " if limit.off else ("ok  " if limit.passed else "FAIL")
-        bound = "no limit" if limit.off else (f"limit {limit.show(limit.limit)}")
-        count = f" ({limit.count} sample{'' if limit.count == 1 else 's'})" if limit.is_share else ""
-        lines.append(f"  {status} {limit.label}: {limit.show(limit.value)}{count}, {bound}")
-    if result.baseline_matches:
-        w = result.baseline_matches[0]
-        lines.append(f"worst: {w.sample_id} duplicates {w.match_id} ({w.signal}, {w.similarity:.3f})")
-    if result.updated:
-        lines.append(f"added to the index: {result.against}")
-    return lines
-
-
-def to_junit(result: CheckResult) -> str:
-    """JUnit XML: one testsuite, one testcase per limit (failure when exceeded, skipped when off)."""
-    failures = len(result.failed_limits)
-    skipped = sum(1 for limit in result.limits if limit.off)
-    total = f"{result.seconds.get('total', 0.0):.3f}"
-    suites = ET.Element("testsuites", name="dedup check", tests=str(len(result.limits)), failures=str(failures),
-                        errors="0", skipped=str(skipped), time=total)
-    suite = ET.SubElement(suites, "testsuite", name=f"dedup check {result.source}", tests=str(len(result.limits)),
-                          failures=str(failures), errors="0", skipped=str(skipped), time=total)
-    props = ET.SubElement(suite, "properties")
-    for name, value in (
-        ("against", result.against),
-        ("baseline_samples", result.baseline_samples),
-        ("drop_samples", result.samples),
-        ("drop_failed", result.failed),
-        ("duplicating_baseline", result.duplicating_baseline),
-        ("duplicated_within_drop", result.duplicated_within_drop),
-        ("largest_cluster", result.largest_cluster),
-    ):
-        ET.SubElement(props, "property", name=name, value=str(value))
-    for limit in result.limits:
-        case = ET.SubElement(suite, "testcase", classname="dedup.check", name=limit.name, time="0")
-        if limit.off:
-            ET.SubElement(case, "skipped", message="limit turned off")
-        elif not limit.passed:
-            message = f"{limit.label}: {limit.show(limit.value)} exceeds the limit {limit.show(limit.limit)}"
-            failure = ET.SubElement(case, "failure", message=message, type="GateLimitExceeded")
-            failure.text = "\n".join(_evidence(result, limit))
-    ET.indent(suites)
-    return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
-
-
-def _evidence(result: CheckResult, limit: LimitResult) -> list[str]:
-    matches = result.drop_matches if limit.name == "max_share_duplicated_within_drop" else result.baseline_matches
-    if limit.name == "max_cluster_size":
-        return [f"largest cluster: {limit.count} samples ({result.largest_cluster_drop_samples} from the drop), "
-                f"e.g. {result.largest_cluster_example}"]
-    return [f"{m.sample_id} -> {m.match_id} ({m.signal}, {m.similarity:.3f})" for m in matches]
-
-
-def to_markdown(result: CheckResult) -> str:
-    """A Markdown summary for a pull-request comment or ``$GITHUB_STEP_SUMMARY``."""
-    head = "✅ passed" if result.passed else "❌ failed"
-    out = [
-        f"## dedup check: {head}",
-        "",
-        f"Drop `{_code(result.source)}`: **{result.samples}** samples ({result.failed} failed) in "
-        f"{_shards(result.new_shards)}, against `{_code(result.against)}` ({result.baseline_samples} samples)."
-        + (f" {result.known_shards} shards already in the index were skipped." if result.known_shards else ""),
-        "",
-        "| check | value | limit | result |",
-        "| --- | ---: | ---: | :---: |",
-    ]
-    for limit in result.limits:
-        value = limit.show(limit.value) + (f" ({limit.count})" if limit.is_share else "")
-        bound = "off" if limit.off else limit.show(limit.limit)
-        verdict = "–" if limit.off else ("✅" if limit.passed else "❌")
-        out.append(f"| {limit.label} | {value} | {bound} | {verdict} |")
-    if result.baseline_matches:
-        out += [
-            "",
-            f"### Worst offenders: duplicates of the baseline ({result.duplicating_baseline})",
-            "",
-            "| sample | baseline match | similarity | signal |",
-            "| --- | --- | ---: | --- |",
-        ]
-        out += [f"| {_cell(m.sample_id)} | {_cell(m.match_id)} | {m.similarity:.3f} | {m.signal} |" for m in result.baseline_matches]
-    if result.drop_matches:
-        out += [
-            "",
-            f"### Duplicates within the drop ({result.duplicated_within_drop})",
-            "",
-            "| sample | duplicate of | similarity | signal |",
-            "| --- | --- | ---: | --- |",
-        ]
-        out += [f"| {_cell(m.sample_id)} | {_cell(m.match_id)} | {m.similarity:.3f} | {m.signal} |" for m in result.drop_matches]
-    if result.largest_cluster > 1:
-        out += ["", f"Largest cluster: {result.largest_cluster} samples ({result.largest_cluster_drop_samples} "
-                    f"from the drop), e.g. {_cell(result.largest_cluster_example or '')}."]
-    if result.updated:
-        out += ["", "The drop was added to the index."]
-    return "\n".join(out) + "\n"
-
-
-def _shards(n: int) -> str:
-    return f"{n} new shard" + ("" if n == 1 else "s")
-
-
-def _code(text: str) -> str:
-    return text.replace("`", "'")
-
-
-def _cell(text: str) -> str:
-    """A sample id as a table cell: in backticks, with the characters that break tables escaped."""
-    return "`" + _code(text).replace("|", "\\|").replace("\n", " ") + "`"

@@ -272,7 +272,7 @@ def check(
     """
     from dedup._io import atomic_write_text
     from dedup.check import check as run_check
-    from dedup.check import summary_lines, to_json, to_junit, to_markdown
+    from dedup.check_report import summary_lines, to_json, to_junit, to_markdown
     from dedup.errors import OutputError
 
     try:

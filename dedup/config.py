@@ -87,8 +87,6 @@ class EmbedConfig:
         """Images per model call: ``batch_size``, or when 0 the one for ``device``."""
         if self.batch_size > 0:
             return self.batch_size
-        from dedup.embed.base import parse_device  # dedup.embed imports this module
-
         return _CPU_BATCH if parse_device(self.device)[0] == "cpu" else _GPU_BATCH
 
 
@@ -111,11 +109,11 @@ class SearchConfig:
     # soft-border width, as a share of the farthest two vectors at the threshold can be apart
     # (0.5 guarantees every pair shares a partition; bench/scale.py measures what 0.08 gives)
     margin: float = 0.08
-    # A second look (dedup.verify) at embedding links scoring in [verify_from, threshold):
+    # A second look (dedup.second_look) at embedding links scoring in [verify_from, threshold):
     # verify_by "geometry" re-reads both images and keeps the pair when verify_inliers ORB
     # matches fit one rotation + scale + shift (else one homography) and, aligned by it, at
     # least verify_agreement of the overlap's pixels agree (after the best gain and offset:
-    # recoloured copies agree; dedup.verify.confirms); "model" re-embeds
+    # recoloured copies agree; dedup.second_look.geometry.confirms); "model" re-embeds
     # them with verify_model and keeps the pair at >= verify_threshold. verify_from < 0 turns
     # it off; it needs the images (not precomputed embeddings).
     verify_from: float = -1.0
@@ -205,6 +203,16 @@ class RunConfig:
             relevant["embed"].pop(volatile)
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> (kind, index)."""
+    kind, _, index = device.strip().lower().partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise ConfigError(f"embed.device must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -59,6 +59,18 @@ _ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
+class IndexUnreadableError(DedupError):
+    """The folder holds no index, an index of another format, or a damaged one."""
+
+
+class IndexConflictError(DedupError):
+    """An add cannot go ahead: a shard changed since it was indexed, or the index moved on."""
+
+
+class IndexBusyError(DedupError):
+    """Another process holds the index lock (only raised by non-blocking attempts)."""
+
+
 def printable(text: str) -> str:
     """``text`` made safe to print on a terminal, on one line.
 

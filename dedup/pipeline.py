@@ -15,9 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,34 +27,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup import __version__
+from dedup._version import __version__
 from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
 from dedup.cluster import components
-from dedup.config import EmbedModel, RunConfig, save_config
-from dedup.errors import ConfigError, OutputError, SourceError
+from dedup.config import RunConfig, save_config
+from dedup.errors import OutputError, SourceError
 from dedup.executors.base import Executor, Markers, merge_stats
 from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.store import Catalog, index_dir, index_lock, write_index
 from dedup.manifest import Manifest, write_keep_list, write_manifest
-from dedup.verify import load_regions, load_trims, second_look
-from dedup.partition import VectorFiles, auto_settings, partitioned_edges
+from dedup.second_look import load_regions, load_trims, second_look
+from dedup.partition import VectorFiles
 from dedup.report import build_report, write_report_pages
 from dedup.rows import FeatureRows, as_rows
 from dedup.search import (
     Edges,
-    Signal,
-    embedding_edges,
-    exact_edges,
-    hamming_edges,
-    pdq_variant_edges,
-    normalise_caption,
-    normalise_url,
-    pack_uint64,
 )
 from dedup.select import keepers
+from dedup.signals import PRECOMPUTED, find_edges, refuse_mixed_vectors, vector_kinds
 from dedup.sources import discover
 
 
@@ -73,7 +64,6 @@ class RunResult:
 WORK_DIR = ".work"
 FEATURES = "shards"  # the per-shard checkpoints, inside a run's work folder
 RUN_LOCK = ".lock"  # flock(2) of OUT while a run writes into it
-PRECOMPUTED = "precomputed"  # the embedding label of runs over precomputed embeddings
 _IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER})
 
 
@@ -93,7 +83,7 @@ def run(
     with run_lock(out_dir):
         phases = PhaseLog()
         shards = discover(sources, folder_batch=cfg.folder_batch)
-        _check_embedding_kinds(shards, cfg)
+        refuse_mixed_vectors(None, vector_kinds(shards, cfg), where="")
         save_config(cfg, out_dir / "config.json")
         work = out_dir / WORK_DIR / cfg.stage_key()
         # The rows stay in their per-shard checkpoints: the global stage reads the columns each
@@ -214,116 +204,6 @@ def _read_tables(paths: Sequence[Path]) -> pa.Table:
     return table
 
 
-def find_edges(
-    table: pa.Table | FeatureRows,
-    vectors: np.ndarray,
-    cfg: RunConfig,
-    *,
-    progress: ProgressFactory = silent,
-    work_dir: Path | None = None,
-) -> tuple[Edges, dict[float, tuple[int, int]]]:
-    """Every link the configured signals make, and the pair counts at the report thresholds.
-
-    More than ``search.partition_above`` embeddings are searched partition by partition
-    (:mod:`dedup.partition`), spilling to ``work_dir`` (default: a temporary folder). Only the
-    columns a signal needs are read, and a hash column that is empty (precomputed embeddings
-    have no hashes) is never loaded.
-    """
-    search = cfg.search
-    rows = as_rows(table)
-    n = rows.num_rows
-    ok = rows.equals("status", "ok")
-    has_image = rows.flags("has_image") & ok
-    parts: list[Edges] = []
-
-    def present(name: str) -> bool:
-        return rows.null_count(name) < n
-
-    if search.exact and present("sha256"):  # all null: no images
-        sha = rows.column("sha256").to_pylist()
-        pix = rows.column("pixel_sha256").to_pylist()
-        parts.append(exact_edges([v if ok[r] else None for r, v in enumerate(sha)], signal=Signal.EXACT_BYTES))
-        del sha
-        parts.append(exact_edges([v if ok[r] else None for r, v in enumerate(pix)], signal=Signal.EXACT_PIXELS))
-        del pix
-
-    levels: dict[float, tuple[int, int]] = {}
-    embedded_rows = np.flatnonzero(rows.flags("embedded"))
-    if vectors.shape[0] > search.partition_above:
-        with progress("search (partitioned)", int(vectors.shape[0]), "vec") as bar, _scratch(work_dir) as scratch:
-            found, levels = partitioned_edges(
-                vectors,
-                threshold=search.threshold,
-                work_dir=scratch,
-                rows=embedded_rows,
-                count_at=search.report_thresholds,
-                settings=auto_settings(int(vectors.shape[0]), partitions=search.partitions, margin=search.margin),
-                progress=bar.update,
-            )
-        parts.append(found)
-    elif vectors.shape[0]:
-        with progress("search (embeddings)", int(vectors.shape[0]), "vec") as bar:
-            found, levels = embedding_edges(
-                vectors,
-                threshold=search.threshold,
-                rows=embedded_rows,
-                block_size=search.block_size,
-                count_at=search.report_thresholds,
-                progress=bar.update,
-            )
-        parts.append(found)
-
-    if search.pdq_distance >= 0 and present("pdq"):
-        pdq = rows.column("pdq").to_pylist()
-        pdq_rows = np.array([r for r, v in enumerate(pdq) if v is not None and has_image[r]], np.int64)
-        if pdq_rows.size:
-            codes = np.frombuffer(b"".join(pdq[r] for r in pdq_rows), np.uint8).reshape(-1, 32)
-            del pdq
-            parts.append(
-                hamming_edges(codes, max_distance=search.pdq_distance, signal=Signal.PDQ, rows=pdq_rows, block_size=search.block_size)
-            )
-            if present("pdq_variants"):  # rotated / mirrored copies (fingerprint.pdq_dihedral)
-                var = rows.take(["pdq_variants"], pdq_rows).column(0).to_pylist()
-                have = np.array([v is not None for v in var], bool)
-                if have.any():
-                    parts.append(
-                        pdq_variant_edges(
-                            codes[have],
-                            np.frombuffer(b"".join(v for v in var if v is not None), np.uint8).reshape(-1, 224),
-                            max_distance=search.pdq_distance,
-                            rows=pdq_rows[have],
-                            block_size=search.block_size,
-                        )
-                    )
-    if search.phash_distance >= 0 and present("phash"):
-        column = rows.column("phash")
-        ph = column.to_numpy(zero_copy_only=False)
-        valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool) & has_image
-        ph_rows = np.flatnonzero(valid)
-        if ph_rows.size:
-            codes = pack_uint64(np.asarray(ph[ph_rows], np.uint64))
-            parts.append(
-                hamming_edges(codes, max_distance=search.phash_distance, signal=Signal.PHASH, rows=ph_rows, block_size=search.block_size)
-            )
-
-    # URL and caption links only between samples we could not look at (metadata-only rows):
-    # for images, identical captions ("Canvas Wall Art Print") say nothing about the pixels;
-    # nor for precomputed embeddings, which are the pixels' own signal.
-    embedded = np.zeros(n, bool)
-    embedded[embedded_rows] = True
-    meta_only = ok & ~has_image & ~embedded
-    if meta_only.any():
-        if search.url:
-            urls = rows.column("url").to_pylist()
-            parts.append(exact_edges([normalise_url(u) if meta_only[r] else None for r, u in enumerate(urls)], signal=Signal.URL))
-        if search.caption:
-            caps = rows.column("caption").to_pylist()
-            parts.append(
-                exact_edges([normalise_caption(c) if meta_only[r] else None for r, c in enumerate(caps)], signal=Signal.CAPTION)
-            )
-    return Edges.concat(parts), levels
-
-
 def finish(
     table: pa.Table | FeatureRows,
     vectors: np.ndarray,
@@ -352,7 +232,7 @@ def finish(
     edges, levels = find_edges(rows, vectors, cfg, progress=progress, work_dir=out_dir / WORK_DIR / "search")
     timer.done("search")
     if shards is not None and (cfg.search.verify_from >= 0 or cfg.search.partial):
-        # Uncertain and partial-copy candidates, confirmed on the re-read images (dedup.verify).
+        # Uncertain and partial-copy candidates, confirmed on the re-read images (dedup.second_look).
         step = FeatureStep(config=cfg, out_dir=features_dir) if features_dir is not None else None
         regions = load_regions([step.regions_path(s) for s in shards]) if step and cfg.search.partial else None
         trims = load_trims([step.trims_path(s) for s in shards]) if step else None
@@ -490,31 +370,6 @@ def _metric(table: pa.Table | FeatureRows, column: str) -> np.ndarray:
                     values[r] = float(v)
             r += 1
     return values
-
-
-def _check_embedding_kinds(shards: Sequence[Shard], cfg: RunConfig) -> None:
-    """Precomputed embeddings and images embedded by a model are different vector spaces:
-    searching them together would compare CLIP with SSCD."""
-    kinds = {s.kind for s in shards}
-    if ShardKind.EMBEDDINGS in kinds and kinds & _IMAGE_KINDS and cfg.embed.model is not EmbedModel.NONE:
-        raise ConfigError(
-            "the sources mix precomputed embeddings (img_emb/*.npy) with images that "
-            f"{cfg.embed.model.value} would embed: their vectors cannot be compared; hint: run them "
-            "separately, or pass --model none to link the images by hashes only"
-        )
-
-
-@contextmanager
-def _scratch(work_dir: Path | None) -> Iterator[Path]:
-    """``work_dir`` (kept) or a temporary folder (removed)."""
-    if work_dir is not None:
-        yield work_dir
-        return
-    folder = Path(tempfile.mkdtemp(prefix="dedup-search-"))
-    try:
-        yield folder / "search"
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_out(out_dir: Path) -> None:

@@ -99,14 +99,11 @@ def refuse_foreign_vectors(meta: dict[str, Any], where: Path) -> None:
     Raises:
         ConfigError: the index holds precomputed embeddings.
     """
-    from dedup.pipeline import PRECOMPUTED
+    from dedup.signals import PRECOMPUTED, refuse_mixed_vectors
 
-    if meta.get("model") == PRECOMPUTED and int(meta.get("embedded") or 0):
-        raise ConfigError(
-            f"the index in {where} holds precomputed embeddings ({meta.get('dim')}-d, e.g. CLIP), not a "
-            "model's that dedup can run on images: they cannot be compared; hint: query an index built "
-            "from images (dedup run IMAGES --out OUT)"
-        )
+    if int(meta.get("embedded") or 0):
+        mine = str(meta.get("config", {}).get("embed", {}).get("model", ""))
+        refuse_mixed_vectors(str(meta.get("model")), [mine if meta.get("model") != PRECOMPUTED else "the query model's"], where=f"the index in {where}", dim=meta.get("dim"))
 
 
 def open_index(path: str | Path) -> TrainingIndex:
@@ -314,7 +311,8 @@ def _training_thumbnails(idx: TrainingIndex, matches: pa.Table, shown: set[str],
     index that lists none, the sources in the manifest beside it); empty when they are gone."""
     import pyarrow.compute as pc
 
-    from dedup.report.thumbs import fetch_images, make_thumbnail, rediscover
+    from dedup.report.thumbs import make_thumbnail
+    from dedup.sources.readback import fetch_images, rediscover
 
     wanted_ids = {
         sid for q, sid in zip(matches.column("query").to_pylist(), matches.column("sample_id").to_pylist(), strict=True)

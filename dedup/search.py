@@ -116,6 +116,47 @@ class Candidates:
         return int(self.i.shape[0])
 
 
+@dataclass(frozen=True, slots=True)
+class CrossLinks:
+    """Links from the rows of a new set to the rows of an index (two row spaces, so not
+    symmetric and not :class:`Edges`): what ``check`` and decontamination search for."""
+
+    drop: np.ndarray  # int64 rows of the new set
+    base: np.ndarray  # int64 rows of the index
+    score: np.ndarray  # float32
+    signal: np.ndarray  # int8 Signal codes
+
+    @classmethod
+    def of(cls, drop: np.ndarray, base: np.ndarray, score: np.ndarray, signal: Signal) -> CrossLinks:
+        n = len(drop)
+        return cls(
+            np.asarray(drop, np.int64),
+            np.asarray(base, np.int64),
+            np.asarray(score, np.float32).reshape(n),
+            np.full(n, int(signal), np.int8),
+        )
+
+    @classmethod
+    def empty(cls) -> CrossLinks:
+        return cls.of(np.empty(0), np.empty(0), np.empty(0), Signal.EXACT_BYTES)
+
+    @classmethod
+    def concat(cls, parts: Sequence[CrossLinks]) -> CrossLinks:
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("drop", "base", "score", "signal")))
+
+    def take(self, keep: np.ndarray) -> CrossLinks:
+        return CrossLinks(self.drop[keep], self.base[keep], self.score[keep], self.signal[keep])
+
+    def best_per_pair(self) -> CrossLinks:
+        """One link per (new row, index row): its best score (ordered by the pair)."""
+        return self.take(best_per_pair(self.drop, self.base, self.score))
+
+    def __len__(self) -> int:
+        return int(self.drop.shape[0])
+
+
 Progress = Callable[[int], object]
 
 

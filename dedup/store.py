@@ -28,7 +28,6 @@ source, every shard and sample id starts with ``s<i>/``, ``i`` being the source'
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -41,16 +40,16 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dedup import __version__
+from dedup._version import __version__
 from dedup._io import atomic_path, atomic_write_text
 from dedup._types import Shard, ShardKind, source_index
 from dedup.config import RunConfig, from_dict, to_dict
-from dedup.errors import DedupError
+from dedup.errors import DedupError, IndexBusyError, IndexConflictError, IndexUnreadableError  # noqa: F401  # the store's errors, importable from here
+
 from dedup.rows import FeatureRows, as_rows
-from dedup.search import pack_uint64
+from dedup.signals import hash_codes
 
 FORMAT = 2
 INDEX_DIR = "index"
@@ -78,18 +77,6 @@ SHARDS_SCHEMA = pa.schema(
         ("stats", pa.string()),  # the shard's summable stats (FeatureStep), JSON
     ]
 )
-
-
-class IndexUnreadableError(DedupError):
-    """The folder holds no index, an index of another format, or a damaged one."""
-
-
-class IndexConflictError(DedupError):
-    """An add cannot go ahead: a shard changed since it was indexed, or the index moved on."""
-
-
-class IndexBusyError(DedupError):
-    """Another process holds the index lock (only raised by non-blocking attempts)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +218,7 @@ def write_index(
             start = stop
 
     _GroupWriter(directory / SAMPLES, schema, compression="zstd").write(samples())
-    del emb_row
+    emb_row = np.empty(0, np.int64)  # written: free it while the rest is
     with atomic_path(directory / SHARDS) as tmp:
         pq.write_table(_shards_table(catalog), tmp, compression="zstd")
     # Too many embeddings to hold (dedup.partition.VectorFiles, issue 8): streamed to the same
@@ -282,27 +269,6 @@ def write_faiss(path: Path, index: Any) -> None:
             fh.write(memoryview(np.ascontiguousarray(data)))
             fh.flush()
             os.fsync(fh.fileno())
-
-
-def hash_codes(table: pa.Table | FeatureRows, column: str, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(rows, packed codes)`` of a hash column (``pdq``: 32 bytes, ``phash``: uint64) where
-    ``eligible`` and not null: the layout faiss binary indexes take."""
-    rows_of = as_rows(table)
-    width = 32 if column == "pdq" else 8
-    if rows_of.null_count(column) == rows_of.num_rows:  # e.g. precomputed embeddings: no hashes
-        return np.zeros(0, np.int64), np.zeros((0, width), np.uint8)
-    values = rows_of.column(column)
-    valid = eligible & ~np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
-    rows = np.flatnonzero(valid).astype(np.int64)
-    if column == "pdq":
-        if not rows.size:
-            return rows, np.zeros((0, 32), np.uint8)
-        blobs = values.take(pa.array(rows)).to_pylist()
-        return rows, np.frombuffer(b"".join(blobs), np.uint8).reshape(-1, 32)
-    if not rows.size:
-        return rows, np.zeros((0, 8), np.uint8)
-    ints = np.asarray(values.take(pa.array(rows)).to_numpy(zero_copy_only=False), np.uint64)
-    return rows, pack_uint64(ints)
 
 
 def _write_binary(path: Path, rows: np.ndarray, codes: np.ndarray) -> None:

@@ -16,7 +16,8 @@ from _data import edited_copies, natural_image
 from typer.testing import CliRunner
 
 from dedup import run
-from dedup.check import BASELINE_COLUMNS, baseline_links, check
+from dedup.check import BASELINE_COLUMNS, check
+from dedup.signals import cross_links
 from dedup.cli import app
 from dedup.config import GateConfig, RunConfig
 from dedup.add import plan_add
@@ -209,7 +210,7 @@ def test_links_to_the_baseline_match_brute_force(baseline: tuple[Path, Path], tm
     from dedup.pipeline import featurize
 
     table, vectors, _ = featurize(plan.new, tmp_path / "work", cfg)
-    links = baseline_links(base, table, vectors, cfg)
+    links = cross_links(table, vectors, base, cfg)
 
     # embeddings: every (drop, baseline) pair at >= 0.3, from a plain matrix product
     index = open_index(out, columns=["embedded", "pdq", "status", "has_image"], vectors=True)
@@ -231,6 +232,12 @@ def test_links_to_the_baseline_match_brute_force(baseline: tuple[Path, Path], tm
     theirs = index.samples.column("pdq").to_pylist()
     b_ok = [r for r, v in enumerate(theirs) if v is not None]
     dist = (bits([mine[r] for r in range(table.num_rows)])[:, None, :] != bits([theirs[r] for r in b_ok])[None, :, :]).sum(2)
+    # ...in any of the drop image's eight orientations (the seven others: pdq_variants)
+    variants = table.column("pdq_variants").to_pylist()
+    for v in range(7):
+        codes = [variants[r][32 * v : 32 * (v + 1)] for r in range(table.num_rows)]
+        other = (bits(codes)[:, None, :] != bits([theirs[r] for r in b_ok])[None, :, :]).sum(2)
+        dist = np.minimum(dist, other)
     expected_pdq = {(int(i), b_ok[j]) for i, j in zip(*np.nonzero(dist <= 120), strict=True)}
     pdq = links.signal == Signal.PDQ
     assert set(zip(links.drop[pdq].tolist(), links.base[pdq].tolist(), strict=True)) == expected_pdq

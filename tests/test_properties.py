@@ -33,7 +33,7 @@ from dedup.cluster import components  # noqa: E402
 from dedup.config import KeepPolicy, RunConfig  # noqa: E402
 from dedup.featurize import SCHEMA  # noqa: E402
 from dedup.manifest import build_manifest  # noqa: E402
-from dedup.pipeline import find_edges  # noqa: E402
+from dedup.signals import find_edges  # noqa: E402
 from dedup.select import keepers  # noqa: E402
 from dedup.sources import discover, read_shard  # noqa: E402
 from dedup.sources._common import IMAGE_EXTENSIONS, split_name  # noqa: E402

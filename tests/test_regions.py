@@ -1,4 +1,4 @@
-"""Region descriptors (dedup.embed.regions), the second look (dedup.verify) and PDQ variants."""
+"""Region descriptors (dedup.embed.regions), the second look (dedup.second_look) and PDQ variants."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from dedup.fingerprint import fingerprint
 from dedup.pipeline import run
 from dedup.search import Signal, pdq_variant_edges, region_candidates
 from dedup.search import Candidates
-from dedup.verify import _top_per_image, aligned_agreement, confirms, geometric_inliers, geometric_match, local_features
+from dedup.second_look.geometry import aligned_agreement, confirms, geometric_inliers, geometric_match, local_features
+from dedup.second_look.propose import top_per_image
 
 MODELS = [EmbedModel.SSCD_DISTILLED, EmbedModel.SSCD]
 
@@ -273,15 +274,15 @@ def test_band_candidates_keep_each_images_best() -> None:
         np.array([0.6, 0.8, 0.7, 0.55, 0.5], np.float32),
         np.full(5, -1, np.int16),
     )
-    kept = _top_per_image(c, 2)
+    kept = top_per_image(c, 2)
     # 0-2 and 0-3 are 0's best two; 0-1 and 0-4 are still the best of 1 and of 4; 5-6 stays
     assert sorted(zip(kept.j.tolist(), kept.score.tolist())) == sorted(zip([1, 2, 3, 4, 6], c.score.tolist()))
     crowd = Candidates(np.zeros(4, np.int64), np.array([1, 2, 3, 4]), np.array([0.9, 0.8, 0.7, 0.6], np.float32), np.full(4, -1, np.int16))
     crowd = Candidates.concat([crowd, Candidates(np.array([1, 1, 1]), np.array([2, 3, 4]), np.array([0.95, 0.94, 0.93], np.float32), np.full(3, -1, np.int16))])
-    kept = _top_per_image(crowd, 1)
+    kept = top_per_image(crowd, 1)
     # 1-2 is the best of 1 and 2; 0-1 the best of 0; 1-3 / 1-4 the best of 3 and of 4
     assert sorted(zip(kept.i.tolist(), kept.j.tolist())) == [(0, 1), (1, 2), (1, 3), (1, 4)]
-    assert len(_top_per_image(crowd, 0)) == len(crowd)
+    assert len(top_per_image(crowd, 0)) == len(crowd)
 
 
 def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,9 +313,9 @@ def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path, monkeypatch: pytes
 
     # One pair a block: once a-crop and a-rotated are confirmed, crop-rotated is not checked,
     # and the clusters come out the same.
-    import dedup.verify
+    import dedup.second_look.look
 
-    monkeypatch.setattr(dedup.verify, "_CHECK_BLOCK", 1)
+    monkeypatch.setattr(dedup.second_look.look, "_CHECK_BLOCK", 1)
     again = run([str(src)], tmp_path / "again", config=cfg)
     assert again.report["shards"]["second_look"]["checked"] < 10
     assert again.report["shards"]["second_look"]["confirmed"] == 2
@@ -328,8 +329,8 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
     the links come out as they do with one chunk for all."""
     import sys
 
-    import dedup.sources
-    import dedup.verify
+    import dedup.second_look.look
+    import dedup.sources.readback
 
     src = tmp_path / "images"
     src.mkdir()
@@ -346,7 +347,7 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
     )
     whole = run([str(src)], tmp_path / "whole", config=cfg)
     reads: list[str] = []
-    real = dedup.sources.read_samples
+    real = dedup.sources.readback.read_samples
 
     def counting(shard, ids):  # type: ignore[no-untyped-def]
         frame = sys._getframe(1)
@@ -356,8 +357,8 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
             reads.append(shard.shard_id)
         return real(shard, ids)
 
-    monkeypatch.setattr(dedup.sources, "read_samples", counting)
-    monkeypatch.setattr(dedup.verify, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(dedup.sources.readback, "read_samples", counting)
+    monkeypatch.setattr(dedup.second_look.look, "CHUNK_ROWS", 2)
     chunked = run([str(src)], tmp_path / "chunked", config=cfg)
     assert len(reads) >= 3  # the candidates span several shards of three images, chunks of two
     assert len(reads) == len(set(reads))
@@ -384,7 +385,7 @@ def test_second_look_is_deterministic(tmp_path: Path) -> None:
     two.save(src / "family2.jpg", quality=95)
     cfg = load_config("default").with_overrides({"workers": 1})
     first = run([str(src)], tmp_path / "a", config=cfg)
-    second = run([str(src)], tmp_path / "b", config=cfg)
+    run([str(src)], tmp_path / "b", config=cfg)
     assert first.report["shards"]["second_look"]["checked"] > 0  # the band was looked at
     assert (tmp_path / "a" / "manifest.parquet").read_bytes() == (tmp_path / "b" / "manifest.parquet").read_bytes()
 
@@ -393,8 +394,8 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
     """The fingerprint stage keeps the box each model input was cut to (a ``.trim.npy`` beside the
     shard's embeddings); the second look crops its re-read images to it instead of measuring the
     margins again, and measures them only for features made before boxes were kept."""
-    import dedup.verify
-    from dedup.verify import _crop_to
+    import dedup.second_look.look
+    from dedup.second_look.look import _crop_to
 
     src = tmp_path / "images"
     src.mkdir()
@@ -407,13 +408,13 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
          "search.exact": False, "search.verify_from": 0.0, "search.verify_by": "geometry"}
     )
     measured: list[tuple[int, int]] = []
-    real_trim = dedup.verify.trim_borders
+    real_trim = dedup.second_look.look.trim_borders
 
     def counting_trim(img: Image.Image, **kw: object) -> Image.Image:
         measured.append(img.size)
         return real_trim(img)
 
-    monkeypatch.setattr(dedup.verify, "trim_borders", counting_trim)
+    monkeypatch.setattr(dedup.second_look.look, "trim_borders", counting_trim)
     first = run([str(src)], tmp_path / "out", config=cfg)
     trims = sorted((tmp_path / "out").glob(".work/*/shards/*.trim.npy"))
     assert len(trims) == 1

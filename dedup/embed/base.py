@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from dedup.errors import ConfigError
+from dedup.config import parse_device  # noqa: F401  # re-exported: the embedders parse devices
 
 __all__ = ["Embedder", "l2_normalize", "parse_device"]
 
@@ -45,13 +45,3 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     unit: np.ndarray = np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
     return unit
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> (kind, index)."""
-    kind, _, index = device.strip().lower().partition(":")
-    if kind == "cpu" and not index:
-        return "cpu", 0
-    if kind == "cuda" and (not index or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ConfigError(f"embed.device must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")

@@ -8,7 +8,7 @@ extra model cost. A picture pasted into a larger scene (a "Canvas Wall Art Print
 about 0.4 against its original with the global descriptor, but about 0.7 with the best window of
 the scene (measured on clip art pasted at 20-60 % of a scene's area: 89 % of pairs above 0.5
 with three scales of windows, against 1 % of unrelated pairs above 0.36). Region scores propose
-partial-copy candidates; they never decide (see :mod:`dedup.verify`).
+partial-copy candidates; they never decide (see :mod:`dedup.second_look`).
 
 ONNX Runtime cannot add outputs to a loaded model, and the ``onnx`` package is a heavy
 dependency for one edit, so :func:`with_outputs` appends the output declarations to the model's

@@ -18,7 +18,8 @@ from dedup.manifest import Manifest
 from dedup.report.html import write_report_html
 from dedup.report.stats import build_report
 from dedup.rows import FeatureRows, as_rows
-from dedup.report.thumbs import THUMBS_FILE, cluster_thumbnails, read_thumbnails, rediscover, write_thumbnails
+from dedup.report.thumbs import THUMBS_FILE, cluster_thumbnails, read_thumbnails, write_thumbnails
+from dedup.sources.readback import rediscover
 
 __all__ = ["build_report", "rerender", "write_report_html", "write_report_pages"]
 

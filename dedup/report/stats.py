@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from dedup import __version__
+from dedup._version import __version__
 from dedup.config import ReportConfig, RunConfig, to_dict
 from dedup.errors import error_kind
 from dedup.manifest import Manifest
