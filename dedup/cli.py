@@ -81,6 +81,8 @@ def _summary(result: Any) -> None:
             "at some cost in precision",
             err=True,
         )
+    for name, sec in sorted((result.report.get("contamination") or {}).items()):
+        typer.echo(f"contaminates {name}: {sec['dropped']} training samples dropped ({sec['direct']} direct)")
     out = result.out
     typer.echo(f"manifest: {out / 'manifest.parquet'}")
     typer.echo(f"keep list: {out / 'keep.parquet'}   report: {out / 'report.html'}")
@@ -106,11 +108,15 @@ def run(
     trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help="Allow loading model files that run code when loaded: TorchScript (sscd-torchscript) and pickled .pt/.bin CLIP weights. Only for files you trust.")] = False,
     executor: Annotated[ExecutorKind, typer.Option(help="Where the per-shard work runs: local processes, or Ray (starts a local Ray; --ray-address joins a cluster). Ray needs: pip install 'dedup\\[ray]'.")] = ExecutorKind.LOCAL,
     ray_address: Annotated[str | None, typer.Option(help="The Ray cluster to join with --executor ray, e.g. auto or ray://head:10001.")] = None,
+    against: Annotated[list[str] | None, typer.Option("--against", help="Decontaminate: an evaluation set's index (the --out folder of `dedup run EVAL`), as PATH or NAME=PATH; repeatable. Training samples that copy one of its images are dropped (reason contaminates:NAME) and report.html gets a section per set.", show_default=False)] = None,
     quiet: Quiet = False,
 ) -> None:
     """Deduplicate SOURCES into OUT: manifest.parquet, keep.parquet, report.json/html, index/.
 
     Example: dedup run laion-shards/ --out dedup-out/ --workers 2
+
+    Decontaminate against evaluation sets (index them once with the same preset):
+    dedup run eval-images/ --out eval-out/ ; dedup run train/ --out train-out/ --against eval-out/
     """
     from dedup.pipeline import run as run_pipeline
 
@@ -132,7 +138,9 @@ def run(
             }
         )
         runner = _executor(executor, ray_address, workers)
-        result = run_pipeline(sources, out, config=cfg, executor=runner, progress=_progress_factory(quiet))
+        result = run_pipeline(
+            sources, out, config=cfg, executor=runner, progress=_progress_factory(quiet), against=against or ()
+        )
     except DedupError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:

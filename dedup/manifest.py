@@ -4,7 +4,9 @@ Columns (DESIGN.md's contract): ``sample_id, source, shard, key, url, caption, w
 status, error, cluster_id, cluster_size, keep, reason, duplicate_of, similarity, signal``.
 ``reason`` is one of ``unique``, ``representative`` (kept for its cluster), ``duplicate``
 (dropped: ``duplicate_of`` names the kept sample, ``signal``/``similarity`` the strongest link
-to it, or to the cluster when there is no direct one) and ``failed`` (``error`` says why).
+to it, or to the cluster when there is no direct one), ``failed`` (``error`` says why) and
+``contaminates:<eval>`` (dropped: it copies an image of that evaluation set, which
+``duplicate_of`` names as ``<eval>:<sample id>``; :mod:`dedup.contamination`).
 
 It is built columnar: :class:`Manifest` holds a few numpy arrays per row (cluster, keeper,
 strongest link: ~30 bytes a row) and assembles the parquet rows one row group at a time from
@@ -26,6 +28,7 @@ import pyarrow.parquet as pq
 
 from dedup._io import atomic_path
 from dedup.cluster import sizes
+from dedup.contamination import Contamination
 from dedup.featurize import SCHEMA
 from dedup.rows import ROW_GROUP_ROWS, FeatureRows, as_rows, rechunk
 from dedup.search import Edges, Signal
@@ -95,6 +98,7 @@ class Manifest:
     embedding_label: str
     keeper_rows: np.ndarray  # sorted rows that some dropped row names in duplicate_of
     keeper_ids: pa.Array  # their sample ids
+    contamination: Contamination | None = None  # training rows that copy an evaluation image
 
     @classmethod
     def build(
@@ -106,16 +110,23 @@ class Manifest:
         *,
         embedding_label: str = "embedding",
         ok: np.ndarray | None = None,
+        contamination: Contamination | None = None,
     ) -> Manifest:
         rows = as_rows(table)
         n = rows.num_rows
         ok = rows.equals("status", "ok") if ok is None else ok
+        if contamination is not None and len(contamination):
+            # A contaminated cluster keeps nothing (every member copies the evaluation image).
+            keep_row = np.where(contamination.mask(n), -1, keep_row)
         keep = ok & (keep_row == np.arange(n, dtype=np.int64))
         dropped = ok & ~keep
         link_sig, link_score = strongest_links(n, edges, dropped, keep_row)
         keeper_rows = np.unique(keep_row[dropped & (keep_row >= 0)])
         keeper_ids = rows.take(["sample_id"], keeper_rows).column(0).combine_chunks()
-        return cls(rows, labels, keep_row, ok, sizes(labels), link_sig, link_score, embedding_label, keeper_rows, keeper_ids)
+        return cls(
+            rows, labels, keep_row, ok, sizes(labels), link_sig, link_score, embedding_label, keeper_rows, keeper_ids,
+            contamination if contamination is not None and len(contamination) else None,
+        )  # fmt: skip
 
     @property
     def num_rows(self) -> int:
@@ -156,7 +167,27 @@ class Manifest:
             cols["duplicate_of"] = pa.nulls(idx.shape[0], pa.string())
         cols["similarity"] = pa.array(score, pa.float32(), mask=np.isnan(score))
         cols["signal"] = self.signal_names().take(pa.array(sig.astype(np.int64), pa.int64(), mask=sig < 0))
+        if self.contamination is not None:
+            self._contaminated(cols, idx)
         return pa.table([cols[name] for name in MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA)
+
+    def _contaminated(self, cols: dict[str, pa.Array], idx: np.ndarray) -> None:
+        """Overwrite the reason, duplicate_of and link columns of the contaminated rows at ``idx``."""
+        c = self.contamination
+        assert c is not None
+        hit, pos = c.positions(idx)
+        if not hit.any():
+            return
+        reasons = pa.array(REASONS + tuple(f"contaminates:{name}" for name in c.names), pa.string())
+        code = np.where(hit, len(REASONS) + c.which[pos], 0)
+        cols["reason"] = pa.array(np.where(hit, reasons.take(pa.array(code)).to_numpy(zero_copy_only=False), cols["reason"].to_numpy(zero_copy_only=False)), pa.string())
+        named = pa.array([f"{c.names[int(c.which[p])]}:{c.eval_ids[int(p)].as_py()}" if h else None for h, p in zip(hit.tolist(), pos.tolist(), strict=True)], pa.string())
+        cols["duplicate_of"] = pa.array(np.where(hit, named.to_numpy(zero_copy_only=False), cols["duplicate_of"].to_numpy(zero_copy_only=False)), pa.string())
+        score = np.where(hit, c.score[pos], cols["similarity"].to_numpy(zero_copy_only=False))
+        cols["similarity"] = pa.array(score.astype(np.float32), pa.float32(), mask=np.isnan(score))
+        sig = np.where(hit, c.signal[pos].astype(np.int64), -1)
+        names = self.signal_names().take(pa.array(sig, pa.int64(), mask=sig < 0)).to_numpy(zero_copy_only=False)
+        cols["signal"] = pa.array(np.where(hit, names, cols["signal"].to_numpy(zero_copy_only=False)), pa.string())
 
     def batches(self, size: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
         """The manifest in consecutive slices of ``size`` rows (one chunk per column)."""

@@ -33,11 +33,11 @@ from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_erro
 from dedup._types import Shard, ShardKind
 from dedup.cluster import components
 from dedup.config import RunConfig, save_config
-from dedup.errors import OutputError, SourceError
+from dedup.errors import ConfigError, OutputError, SourceError
 from dedup.executors.base import Executor, Markers, merge_stats
 from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
-from dedup.store import Catalog, index_dir, index_lock, write_index
+from dedup.store import Catalog, index_dir, index_lock, open_index, write_index
 from dedup.manifest import Manifest, write_keep_list, write_manifest
 from dedup.second_look import load_regions, load_trims, second_look
 from dedup.partition import VectorFiles
@@ -46,6 +46,7 @@ from dedup.rows import FeatureRows, as_rows
 from dedup.search import (
     Edges,
 )
+from dedup.contamination import EVAL_COLUMNS, EvalSet, check_compatible, find_contamination, report_section
 from dedup.select import keepers
 from dedup.signals import PRECOMPUTED, find_edges, refuse_mixed_vectors, vector_kinds
 from dedup.sources import discover
@@ -75,15 +76,24 @@ def run(
     config: RunConfig | None = None,
     executor: Executor | None = None,
     progress: ProgressFactory | None = None,
+    against: Sequence[str | Path] = (),
 ) -> RunResult:
-    """Deduplicate ``sources`` into ``out``; resumes from the checkpoints of an earlier run."""
+    """Deduplicate ``sources`` into ``out``; resumes from the checkpoints of an earlier run.
+
+    ``against``: evaluation sets to decontaminate from: output folders of ``dedup run`` over
+    them (their indexes), each as ``PATH`` or ``NAME=PATH``. Every training sample that copies
+    one of their images is dropped with the reason ``contaminates:<NAME>``
+    (:mod:`dedup.contamination`)."""
     cfg = config or RunConfig()
     prog = progress or silent
     out_dir = Path(out)
+    evals = open_eval_sets(against)
     with run_lock(out_dir):
         phases = PhaseLog()
         shards = discover(sources, folder_batch=cfg.folder_batch)
         refuse_mixed_vectors(None, vector_kinds(shards, cfg), where="")
+        for ev in evals:
+            check_compatible(cfg, ev)
         save_config(cfg, out_dir / "config.json")
         work = out_dir / WORK_DIR / cfg.stage_key()
         # The rows stay in their per-shard checkpoints: the global stage reads the columns each
@@ -105,7 +115,29 @@ def run(
                 shards=shards,
                 catalog=catalog,
                 features_dir=work / FEATURES,
+                evals=evals,
             )
+
+
+def open_eval_sets(against: Sequence[str | Path]) -> list[EvalSet]:
+    """The evaluation indexes of ``--against``: ``PATH`` (named by its folder) or ``NAME=PATH``.
+
+    Raises:
+        ConfigError: two sets share a name, or a name is empty.
+        IndexUnreadableError: a path holds no index.
+    """
+    sets: list[EvalSet] = []
+    for item in against:
+        text = str(item)
+        name, sep, path = text.partition("=")
+        if not sep or "/" in name:
+            name, path = Path(text.rstrip("/")).name, text
+        if not name or any(s.name == name for s in sets):
+            raise ConfigError(
+                f"evaluation set name {name!r} is empty or given twice; hint: name them: --against NAME=PATH"
+            )
+        sets.append(EvalSet(name, open_index(path, columns=EVAL_COLUMNS, search=True)))
+    return sets
 
 
 @contextmanager
@@ -215,6 +247,7 @@ def finish(
     shards: Sequence[Shard] | None = None,
     catalog: Catalog | None = None,
     features_dir: Path | None = None,
+    evals: Sequence[EvalSet] = (),
 ) -> RunResult:
     """The global stages over all features: search, cluster, select, and every output.
 
@@ -250,7 +283,10 @@ def finish(
         metric = _metric(rows, cfg.keep.column) if cfg.keep.column else None
         keep_row = keepers(labels, policy=cfg.keep.policy, eligible=ok, pixels=pixels, metric=metric)
         del pixels, metric
-        manifest = Manifest.build(rows, labels, keep_row, edges, embedding_label=embedding_label, ok=ok)
+        contamination = find_contamination(rows, vectors, labels, cfg, evals) if evals else None
+        manifest = Manifest.build(
+            rows, labels, keep_row, edges, embedding_label=embedding_label, ok=ok, contamination=contamination
+        )
         bar.update(1)
     timer.done("cluster + select")
     with progress("write outputs", 1, "step") as bar:
@@ -260,6 +296,12 @@ def finish(
         write_index(index_dir(out_dir), rows, vectors, labels, cfg, catalog=catalog, embedding_model=_index_model(shard_stats, vectors, cfg))
         timer.done("write index")
         report = build_report(manifest, edges, levels, cfg, shard_stats=shard_stats, embedding_label=embedding_label)
+        if evals:
+            assert contamination is not None
+            section = report_section(contamination, rows.column("sample_id").combine_chunks())
+            for ev in evals:
+                section[ev.name]["index"] = str(ev.index.directory.parent)
+            report["contamination"] = section
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_report_pages(
             report, out_dir, manifest=manifest, shards=shards, features=rows, thumb_size=cfg.report.thumb_size

@@ -113,7 +113,7 @@ class Within:
 class Against:
     """What a search against an index is given: the new rows (queries) and the index (database)."""
 
-    rows: pa.Table
+    rows: pa.Table | FeatureRows
     vectors: np.ndarray
     search: SearchConfig
     base: Any  # dedup.store.Index, with the faiss indexes loaded (search=True)
@@ -346,7 +346,7 @@ def find_edges(
     return Edges.concat(parts), ctx.levels
 
 
-def cross_links(table: pa.Table, vectors: np.ndarray, base: Any, cfg: RunConfig) -> CrossLinks:
+def cross_links(table: pa.Table | FeatureRows, vectors: np.ndarray, base: Any, cfg: RunConfig) -> CrossLinks:
     """Every direct link from a row of ``table`` (the queries) to a row of the index ``base``
     (:class:`dedup.store.Index` with its faiss files and the columns of :data:`BASE_COLUMNS`)
     that the configured signals make: the same rows, thresholds and rules as :func:`find_edges`."""

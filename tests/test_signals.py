@@ -15,7 +15,7 @@ from PIL import Image
 
 from dedup import run
 from dedup.check import check
-from dedup.config import RunConfig
+from dedup.config import load_config
 from dedup.search import Signal
 from dedup.signals import PRECOMPUTED, SIGNALS, Qualifies, eligibility, refuse_mixed_vectors
 from dedup.errors import ConfigError
@@ -23,9 +23,7 @@ from dedup.errors import ConfigError
 SIZE = (200, 150)
 # The default preset's direct signals (exact, distilled SSCD, PDQ x 8 orientations); the second
 # look is not part of check yet (docs/architecture.md, known gaps).
-DIRECT = RunConfig().with_overrides(
-    {"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4, "search.verify_from": -1.0, "search.partial": False}
-)
+DIRECT = load_config("default").with_overrides({"folder_batch": 4, "search.verify_from": -1.0, "search.partial": False})
 
 
 def test_every_signal_is_one_row_and_metadata_links_only_rows_nobody_could_look_at() -> None:

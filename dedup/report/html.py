@@ -292,6 +292,37 @@ def _settings(report: dict[str, Any]) -> str:
     )
 
 
+def _contamination(report: dict[str, Any]) -> str:
+    """A section per evaluation set a run was decontaminated against (``--against``)."""
+    sets = report.get("contamination") or {}
+    if not sets:
+        return ""
+    parts = ["<h2>Evaluation sets (decontamination)</h2>",
+             '<p class="note">Training samples that copy an image of an evaluation set are dropped, whatever '
+             "the keep policy, with the reason <code>contaminates:&lt;set&gt;</code>; their cluster mates too "
+             "(copies of a copy).</p>"]
+    for name, sec in sorted(sets.items()):
+        hist = sec.get("similarity_histogram", {})
+        edges, counts = hist.get("edges", []), hist.get("counts", [])
+        bins = [[f"{_e(a)}&ndash;{_e(b)}", _num(c)] for a, b, c in zip(edges, edges[1:], counts)]
+        examples = [
+            [f"<code>{_e(x['sample_id'])}</code>", f"<code>{_e(x['eval_sample_id'])}</code>",
+             f"<code>{_e(x['signal'])}</code>", _num(x["similarity"], 3)]
+            for x in sec.get("examples", [])
+        ] or [["none", "", "", ""]]
+        signals = [[f"<code>{_e(k)}</code>", _num(v)] for k, v in sorted(sec.get("by_signal", {}).items())] or [["none", "0"]]
+        parts.append(
+            f"<h3><code>{_e(name)}</code>: {_num(sec.get('dropped', 0))} training samples dropped "
+            f"({_num(sec.get('direct', 0))} direct, {_num(sec.get('via_cluster', 0))} through their cluster)</h3>"
+            '<div class="two">'
+            f"<div>{_table(['training sample', 'evaluation sample', 'signal', 'similarity'], examples, numeric=(3,))}</div>"
+            f"<div>{_table(['similarity', 'direct links'], bins, numeric=(1,))}"
+            f"{_table(['signal', 'samples'], signals, numeric=(1,))}</div>"
+            "</div>"
+        )
+    return "\n".join(parts)
+
+
 def render(report: dict[str, Any], *, thumbnails: Mapping[str, bytes] | None = None) -> str:
     """The whole page for a ``report.json`` dict (and the thumbnails of its largest clusters)."""
     s = report["summary"]
@@ -320,6 +351,7 @@ def render(report: dict[str, Any], *, thumbnails: Mapping[str, bytes] | None = N
 <p class="note">Each cluster's kept sample first; a duplicate's badge names the signal and similarity
 of its strongest link. Captions and URLs are as the data has them.</p>
 {_clusters(report, thumbnails or {})}
+{_contamination(report)}
 <h2>Signals and settings</h2>
 {_settings(report)}
 <footer>Written by dedup {_e(report.get("dedup_version", ""))}. Machine-readable numbers: report.json;
