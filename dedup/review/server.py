@@ -36,6 +36,13 @@ _MAX_BODY = 4096
 _IMG = re.compile(r"img/(\d{1,9})/([ab])\.jpg")
 
 
+def safe_json(value: Any) -> str:
+    """JSON with ``<``, ``>`` and ``&`` escaped (``\\u003c``...): markup-free, so it stays data even
+    if a browser ever sniffs it, or it is embedded in a page."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 class ReviewServer:
     """Serve the review page of the run in ``out``; ``start()`` in a thread or ``serve_forever()``."""
 
@@ -142,7 +149,7 @@ def _handler(server: ReviewServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
         def _json(self, value: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-            self._send(status, json.dumps(value, ensure_ascii=True).encode("ascii"), "application/json")
+            self._send(status, safe_json(value).encode("ascii"), "application/json")
 
         def _refuse(self, status: HTTPStatus) -> None:
             self._send(status, f"{status.value} {status.phrase}\n".encode(), "text/plain; charset=utf-8")
