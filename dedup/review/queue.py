@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from dedup.decisions import DECISIONS_FILE, SAMPLE_FILE, SAMPLE_SCHEMA, pair_key, read_decisions
 from dedup.errors import OutputError
-from dedup.index import EMBEDDINGS, index_dir, open_index
+from dedup.store import EMBEDDINGS, index_dir, open_index
 from dedup.errors import DedupError
 
 WEAKEST_PER_SIGNAL = 12
