@@ -50,6 +50,7 @@ __all__ = [
     "Verdict",
     "apply_decisions",
     "constraints",
+    "cross_constraints",
     "load_decisions",
     "precision_table",
     "read_decisions",
@@ -236,6 +237,28 @@ def constraints(rows: pa.Table | FeatureRows, decided: pa.Table) -> tuple[np.nda
     same = np.asarray(pc.equal(decided.column("decision"), Verdict.SAME.value))
     pairs = np.stack([a, b], axis=1)
     return pairs[found & same], pairs[found & ~same], int((~found).sum())
+
+
+def cross_constraints(drop: pa.Table | FeatureRows, base: pa.Table | FeatureRows, decided: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """``(must, cannot)`` as ``(drop row, baseline row)`` pairs: decisions between a sample of
+    a new drop (``dedup check``; found by id, else by SHA-256) and one of the baseline."""
+    decided = decided.filter(pc.is_in(decided.column("decision"), pa.array([Verdict.SAME.value, Verdict.DIFFERENT.value])))
+    k = decided.num_rows
+    empty = np.empty((0, 2), np.int64)
+    if k == 0:
+        return empty, empty
+    ids = pa.concat_arrays([decided.column("a_id").combine_chunks(), decided.column("b_id").combine_chunks()])
+    shas = pa.concat_arrays([decided.column("a_sha256").combine_chunks(), decided.column("b_sha256").combine_chunks()])
+    in_drop, in_base = _rows_of(as_rows(drop), ids, shas), _rows_of(as_rows(base), ids, shas)
+    same = np.asarray(pc.equal(decided.column("decision"), Verdict.SAME.value))
+    pairs, kinds = [], []
+    for d_end, b_end in ((slice(0, k), slice(k, 2 * k)), (slice(k, 2 * k), slice(0, k))):
+        d, b = in_drop[d_end], in_base[b_end]
+        found = (d >= 0) & (b >= 0)
+        pairs.append(np.stack([d[found], b[found]], axis=1))
+        kinds.append(same[found])
+    all_pairs, all_same = np.concatenate(pairs), np.concatenate(kinds)
+    return all_pairs[all_same], all_pairs[~all_same]
 
 
 class Applied:

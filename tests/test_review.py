@@ -375,3 +375,38 @@ def test_review_of_a_folder_without_a_run_is_a_clear_error(tmp_path: Path) -> No
     result = runner.invoke(app, ["review", str(tmp_path), "--no-open"])
     assert result.exit_code == 2
     assert "has no manifest.parquet" in result.output and "dedup run" in result.output
+
+
+@pytest.mark.slow
+def test_check_honours_the_baselines_decisions(demo_run: Path, tmp_path: Path) -> None:
+    """A drop checked against a reviewed baseline: a copy of a sample marked different from
+    it is not counted as its duplicate; an image marked same as a baseline sample is."""
+    import hashlib
+
+    from dedup.check import check
+
+    base = _copy(demo_run, tmp_path / "base")
+    rows = _manifest(base)
+    single = sorted(s for s, r in rows.items() if r["status"] == "ok" and r["cluster_size"] == 1)[0]
+    tar_name, key = single.split("/")
+    with tarfile.open(SAMPLE / tar_name) as tar:
+        copy = tar.extractfile(f"{key}.jpg").read()  # type: ignore[union-attr]
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "copy.jpg").write_bytes(copy)
+    new = encode_jpeg(natural_image(77))
+    (drop / "new.jpg").write_bytes(new)
+    plain = check(str(drop), base, work=tmp_path / "w1")
+    assert plain.duplicating_baseline == 1  # the copy
+
+    other = sorted(s for s, r in rows.items() if r["status"] == "ok" and s != single)[0]
+    record_decisions(base / DECISIONS_FILE, [
+        # a copy of `single` (found by its bytes' hash) is not the baseline's `single`
+        {"a_id": "elsewhere/copy", "a_sha256": hashlib.sha256(copy).digest(), "b_id": single, "decision": "different"},
+        # the new image is the same as `other`
+        {"a_id": "elsewhere/new", "a_sha256": hashlib.sha256(new).digest(), "b_id": other, "decision": "same"},
+    ])  # fmt: skip
+    reviewed = check(str(drop), base, work=tmp_path / "w2")
+    assert reviewed.duplicating_baseline == 1
+    assert reviewed.baseline_links_by_signal == {"reviewed": 1}
+    assert [(m.sample_id, m.match_id) for m in reviewed.baseline_matches] == [("new.jpg", other)]
