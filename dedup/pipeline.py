@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -288,13 +289,10 @@ def finish(
         ok = rows.equals("status", "ok")
         pixels = rows.numbers("width") * rows.numbers("height")
         metric = _metric(rows, cfg.keep.column) if cfg.keep.column else None
-
-        def select(groups: np.ndarray) -> np.ndarray:
-            return keepers(groups, policy=cfg.keep.policy, eligible=ok, pixels=pixels, metric=metric)
-
+        select = partial(keepers, policy=cfg.keep.policy, eligible=ok, pixels=pixels, metric=metric)
         keep_row = select(labels)
         reviewed = applied.changed(keep_row, select(applied.before) if applied.before is not None else None)
-        del pixels, metric
+        del pixels, metric, select
         edges = applied.links
         contamination = find_contamination(rows, vectors, labels, cfg, evals) if evals else None
         manifest = Manifest.build(

@@ -8,7 +8,7 @@ Routes (all under ``/<token>/``; anything else is 403 without the token, 404 wit
 - ``POST /<token>/api/decide``       ``{"item": n, "decision": "same"|"different"|"skip"}``
 
 Nothing else of the disk is reachable: images are addressed by queue position, never by a
-path, and read through the run's own sources (:func:`dedup.report.thumbs.stream_images`),
+path, and read through the run's own sources (:func:`dedup.sources.readback.stream_images`),
 with the SHA-256 the run recorded checked, so a changed file is not shown as the sample. The
 Host header must name the loopback address (no DNS rebinding), responses carry a strict CSP
 with a per-server nonce, and the token is compared in constant time.
@@ -28,7 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dedup.decisions import DECISIONS_FILE, Verdict, read_decisions, record_decisions
-from dedup.report.thumbs import make_thumbnail, rediscover, stream_images
+from dedup.report.thumbs import make_thumbnail
+from dedup.sources.readback import rediscover, stream_images
 from dedup.review.queue import Item, RunView, build_queue
 
 THUMB_SIZE = 384
