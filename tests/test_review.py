@@ -410,3 +410,30 @@ def test_check_honours_the_baselines_decisions(demo_run: Path, tmp_path: Path) -
     assert reviewed.duplicating_baseline == 1
     assert reviewed.baseline_links_by_signal == {"reviewed": 1}
     assert [(m.sample_id, m.match_id) for m in reviewed.baseline_matches] == [("new.jpg", other)]
+
+
+def test_partial_copy_region_is_outlined() -> None:
+    """A picture pasted into a larger scene: the scene's thumbnail outlines where it lies."""
+    from dedup.review.server import THUMB_SIZE, _partial_thumbnails
+    from dedup.report.thumbs import make_thumbnail
+
+    picture = natural_image(5, (240, 180))
+    scene = natural_image(6, (640, 480))
+    scene.paste(picture, (300, 200))
+    a, b = encode_jpeg(picture, 95), encode_jpeg(scene, 95)
+    thumbs = _partial_thumbnails(a, b)
+
+    def outline_pixels(jpeg: bytes | None) -> np.ndarray:
+        assert jpeg is not None
+        px = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), np.int32)
+        return (px[..., 0] > 180) & (px[..., 1] < 60) & (px[..., 2] < 110)
+
+    drawn = outline_pixels(thumbs["b"]) & ~outline_pixels(make_thumbnail(b, THUMB_SIZE))
+    assert drawn.sum() > 200
+    ys, xs = np.nonzero(drawn)
+    scale = THUMB_SIZE / 640  # the scene's thumbnail: 384 x 288; the pasted picture at 180..324 x 120..228
+    # within 15 px (4% of the thumbnail): RANSAC's fit is a few pixels off at the far corner
+    assert abs(xs.min() - 300 * scale) < 15 and abs(xs.max() - 540 * scale) < 15
+    assert abs(ys.min() - 200 * scale) < 15 and abs(ys.max() - 380 * scale) < 15
+    assert not (outline_pixels(thumbs["a"]) & ~outline_pixels(make_thumbnail(a, THUMB_SIZE))).sum() > 20
+    assert _partial_thumbnails(a, None)["b"] is None  # a side that cannot be read has no picture

@@ -89,7 +89,8 @@ function show() {{
   $("why").textContent = it.why;
   const sim = it.similarity === null ? "" : " · similarity " + it.similarity.toFixed(3);
   const size = it.cluster_size ? " · cluster of " + it.cluster_size : "";
-  $("link").textContent = "signal: " + (it.signal || "none") + sim + size;
+  const region = it.signal === "partial" ? " · red outline: where one image lies inside the other (when found)" : "";
+  $("link").textContent = "signal: " + (it.signal || "none") + sim + size + region;
   $("img-a").src = "img/" + it.index + "/a.jpg";
   $("img-b").src = "img/" + it.index + "/b.jpg";
   describe($("meta-a"), it.a);

@@ -111,16 +111,63 @@ class ReviewServer:
             if key in self._thumbs:
                 return self._thumbs[key]
             it = self.items[n]
-            s = it.a if side == "a" else it.b
-            if self._shards is None:
-                sources = dict.fromkeys(self.view.manifest.column("source").to_pylist())
-                self._shards = rediscover(sources)
-            found = None
-            if s.shard:
-                for _, data in stream_images(self._shards, {s.sample_id: s.shard}, sha256={s.sample_id: s.sha256}):
-                    found = make_thumbnail(data, THUMB_SIZE)
-            self._thumbs[key] = found
-            return found
+            if it.signal == "partial":
+                self._thumbs.update({(n, k): v for k, v in _partial_thumbnails(self._read(it.a), self._read(it.b)).items()})
+            else:
+                data = self._read(it.a if side == "a" else it.b)
+                self._thumbs[key] = make_thumbnail(data, THUMB_SIZE) if data else None
+            return self._thumbs.get(key)
+
+    def _read(self, s: Any) -> bytes | None:
+        """The bytes of one sample, read back from the run's sources (None: gone or changed)."""
+        if self._shards is None:
+            sources = dict.fromkeys(self.view.manifest.column("source").to_pylist())
+            self._shards = rediscover(sources)
+        if not s.shard:
+            return None
+        for _, data in stream_images(self._shards, {s.sample_id: s.shard}, sha256={s.sample_id: s.sha256}):
+            return data
+        return None
+
+
+def _partial_thumbnails(a: bytes | None, b: bytes | None) -> dict[str, bytes | None]:
+    """Thumbnails of a partial copy's two sides, the region of the one that holds the other
+    outlined (ORB + RANSAC, as the second look found it; none drawn when no fit is found)."""
+    from PIL import Image, ImageDraw
+
+    from dedup.config import FingerprintConfig
+    from dedup.errors import SampleError
+    from dedup.fingerprint import decode
+    from dedup.second_look.geometry import LOCAL_SIDE, local_features, matched_region
+
+    images: dict[str, Image.Image | None] = {}
+    for side, data in (("a", a), ("b", b)):
+        try:
+            images[side] = decode(data, max_pixels=FingerprintConfig().max_pixels).convert("RGB") if data else None
+        except SampleError:
+            images[side] = None
+    outline: tuple[str, Any] | None = None
+    ia, ib = images["a"], images["b"]
+    if ia is not None and ib is not None:
+        fa, fb = local_features(ia), local_features(ib)
+        tries = [("b", matched_region(fa, fb, ia.size)), ("a", matched_region(fb, fa, ib.size))]
+        found = [(inliers, side, quad) for side, got in tries if got is not None for quad, inliers in [got]]
+        if found:
+            _, side, quad = max(found, key=lambda t: t[0])
+            outline = (side, quad)
+    out: dict[str, bytes | None] = {}
+    for side, image in images.items():
+        if image is None:
+            out[side] = None
+            continue
+        thumb = image.copy()
+        thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
+        if outline is not None and outline[0] == side:
+            scale = thumb.width / (image.width * LOCAL_SIDE / max(image.size))  # keypoint pixels -> thumbnail
+            points = [(float(x) * scale, float(y) * scale) for x, y in outline[1]]
+            ImageDraw.Draw(thumb).polygon(points, outline=(230, 0, 60), width=3)
+        out[side] = make_thumbnail(thumb, THUMB_SIZE)
+    return out
 
 
 def _handler(server: ReviewServer) -> type[BaseHTTPRequestHandler]:
