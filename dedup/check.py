@@ -43,11 +43,12 @@ import pyarrow as pa
 from dedup._progress import silent
 from dedup.cluster import components
 from dedup.config import GateConfig, KeepPolicy, RunConfig
+from dedup.decisions import apply_decisions, cross_constraints, load_decisions
 from dedup.add import AddPlan, add, plan_add
 from dedup.signals import BASE_COLUMNS, cross_links, find_edges, refuse_mixed_vectors, vector_kinds
 from dedup.store import Index, open_index, resolve_source
 from dedup.manifest import build_manifest
-from dedup.search import Edges, Signal
+from dedup.search import CrossLinks, Edges, Signal
 from dedup.select import keepers
 
 if TYPE_CHECKING:
@@ -302,7 +303,10 @@ def _assess(
 
     # Inside the drop: what a run over the drop alone would make of it (keeping the first).
     edges, _ = find_edges(table, vectors, cfg.with_overrides({"search.report_thresholds": []}))
-    labels = components(m, edges)
+    # The baseline's review decisions (dedup review) hold for the drop's samples too.
+    decided = load_decisions(base.directory.parent)
+    applied = apply_decisions(m, table, edges, decided)
+    labels, edges = applied.labels, applied.links
     keep_row = keepers(labels, policy=KeepPolicy.FIRST, eligible=ok)
     mini = build_manifest(table, labels, keep_row, edges, embedding_label=label)
     reason = mini.column("reason").to_pylist()
@@ -320,6 +324,8 @@ def _assess(
     # Against the baseline: each drop sample's strongest link (exact first, then the highest score).
     links = cross_links(table, vectors, base, cfg)
     b = base.samples
+    if decided.num_rows:
+        links = _reviewed(links, *cross_constraints(table, b, decided))
     b_ids = b.column("sample_id")
     b_urls = b.column("url")
     best: list[tuple[int, int, float, int]] = []
@@ -395,6 +401,17 @@ def _assess(
         "drop_matches": tuple(drop_matches[: max(0, top)]),
         "passed": all(limit.passed for limit in limits),
     }
+
+
+def _reviewed(links: CrossLinks, must: np.ndarray, cannot: np.ndarray) -> CrossLinks:
+    """``links`` without the pairs a curator marked different, with those marked same."""
+    if cannot.size:
+        cut = set(map(tuple, cannot.tolist()))
+        keep = np.array([(d, b) not in cut for d, b in zip(links.drop.tolist(), links.base.tolist(), strict=True)], bool)
+        links = CrossLinks(links.drop[keep], links.base[keep], links.score[keep], links.signal[keep])
+    if must.size:
+        links = CrossLinks.concat([links, CrossLinks.of(must[:, 0], must[:, 1], np.ones(must.shape[0]), Signal.REVIEWED)])
+    return links
 
 
 def _bool(table: pa.Table, column: str, equals: str | None = None) -> np.ndarray:

@@ -106,6 +106,7 @@ def run(
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Refuse images declaring more pixels than this, before decoding them (decompression bombs); such images are failed rows.", min=1)] = None,
     trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help="Allow loading model files that run code when loaded: TorchScript (sscd-torchscript) and pickled .pt/.bin CLIP weights. Only for files you trust.")] = False,
+    decisions: Annotated[list[Path] | None, typer.Option("--decisions", help="A decisions.parquet of `dedup review` (e.g. of another run over the same data) to honour besides OUT/decisions.parquet: different = never in one cluster, same = one cluster. Repeatable.")] = None,
     executor: Annotated[ExecutorKind, typer.Option(help="Where the per-shard work runs: local processes, or Ray (starts a local Ray; --ray-address joins a cluster). Ray needs: pip install 'dedup\\[ray]'.")] = ExecutorKind.LOCAL,
     ray_address: Annotated[str | None, typer.Option(help="The Ray cluster to join with --executor ray, e.g. auto or ray://head:10001.")] = None,
     against: Annotated[list[str] | None, typer.Option("--against", help="Decontaminate: an evaluation set's index (the --out folder of `dedup run EVAL`), as PATH or NAME=PATH; repeatable. Training samples that copy one of its images are dropped (reason contaminates:NAME) and report.html gets a section per set.", show_default=False)] = None,
@@ -139,8 +140,9 @@ def run(
         )
         runner = _executor(executor, ray_address, workers)
         result = run_pipeline(
-            sources, out, config=cfg, executor=runner, progress=_progress_factory(quiet), against=against or ()
-        )
+            sources, out, config=cfg, executor=runner, progress=_progress_factory(quiet), against=against or (),
+            decisions=decisions or (),
+        )  # fmt: skip
     except DedupError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:
@@ -348,6 +350,61 @@ def index_add(
     shards = "shard" if added.added_shards == 1 else "shards"
     typer.echo(f"added {added.added_shards} {shards} ({added.added_samples} samples)")
     _summary(added.result)
+
+
+@app.command()
+def review(
+    out: Annotated[Path, typer.Argument(help="The --out folder of a finished `dedup run` (or `dedup demo`).", show_default=False)],
+    sample: Annotated[int | None, typer.Option(help="First draw N accepted links, stratified by signal and similarity band, to measure precision (report.json/html then show it per band).", min=1)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --sample draw (the same run, N and seed give the same sample).")] = 0,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).", min=0, max=65535)] = 0,
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the page in the default browser.")] = True,
+) -> None:
+    """Review the links of a run in a local page: same (s), different (d), skip (k).
+
+    Walks the sample (with --sample), the weakest links of each signal, verified and partial links, the largest clusters and the clusters whose members disagree most. Each decision is saved at once to OUT/decisions.parquet; closing and reopening resumes. The next `dedup run` (or `dedup index add`) into OUT honours them: different cuts the cluster between the two, same joins them; the manifest's reason says `reviewed` where that changed what is kept.
+
+    The page listens on 127.0.0.1 only, behind a secret token in its URL. Stop with Ctrl+C.
+
+    Example: dedup review demo-out --sample 40
+    """
+    from dedup.review import ReviewServer, draw_sample, refresh_report
+
+    try:
+        if sample is not None:
+            drawn = draw_sample(out, sample, seed=seed)
+            strata = len(set(zip(drawn.column("signal").to_pylist(), drawn.column("band").to_pylist(), strict=True)))
+            typer.echo(f"sample: {drawn.num_rows} links in {strata} strata (signal x similarity band): reviewed first")
+        server = ReviewServer(out, port=port)
+    except DedupError as err:
+        raise _fail(err) from None
+    except OSError as err:
+        typer.echo(f"Error: cannot listen on 127.0.0.1:{port}: {printable(str(err))}; hint: pick another --port", err=True)
+        raise typer.Exit(2) from None
+    pending, decided = server.pending()
+    typer.echo(f"{len(pending)} pairs to review ({decided} decided already) · decisions: {out / 'decisions.parquet'}")
+    typer.echo(f"review page: {server.url}")
+    typer.echo("keys: s same · d different · k skip · Ctrl+C to stop")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    try:
+        section = refresh_report(out)
+    except DedupError as err:
+        raise _fail(err) from None
+    if section is not None:
+        counts = section["decisions"]
+        typer.echo(f"decided: {counts['same']} same · {counts['different']} different · {counts['skip']} skipped; next: dedup run ... --out {out}")
+        for band in (section.get("precision") or {}).get("bands", []):
+            if band["decided"]:
+                typer.echo(f"  {band['signal']} {band['band']}: precision {band['precision']:.2f} [{band['ci_low']:.2f}, {band['ci_high']:.2f}] of {band['decided']}")
 
 
 def _config(preset: str, path: Path | None) -> RunConfig:

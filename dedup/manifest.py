@@ -4,9 +4,11 @@ Columns (DESIGN.md's contract): ``sample_id, source, shard, key, url, caption, w
 status, error, cluster_id, cluster_size, keep, reason, duplicate_of, similarity, signal``.
 ``reason`` is one of ``unique``, ``representative`` (kept for its cluster), ``duplicate``
 (dropped: ``duplicate_of`` names the kept sample, ``signal``/``similarity`` the strongest link
-to it, or to the cluster when there is no direct one), ``failed`` (``error`` says why) and
+to it, or to the cluster when there is no direct one), ``failed`` (``error`` says why),
 ``contaminates:<eval>`` (dropped: it copies an image of that evaluation set, which
-``duplicate_of`` names as ``<eval>:<sample id>``; :mod:`dedup.contamination`).
+``duplicate_of`` names as ``<eval>:<sample id>``; :mod:`dedup.contamination`) and ``reviewed``
+(a curator's decision in ``dedup review`` changed whether this sample is kept: ``keep`` says
+which way; see :mod:`dedup.decisions`).
 
 It is built columnar: :class:`Manifest` holds a few numpy arrays per row (cluster, keeper,
 strongest link: ~30 bytes a row) and assembles the parquet rows one row group at a time from
@@ -49,7 +51,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 KEEP_COLUMNS = ("url", "caption", "sample_id", "key", "width", "height")
 
-REASONS = ("unique", "representative", "duplicate", "failed")
+REASONS = ("unique", "representative", "duplicate", "failed", "reviewed")
 
 
 def strongest_links(n: int, edges: Edges, dropped: np.ndarray, keep_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +101,7 @@ class Manifest:
     keeper_rows: np.ndarray  # sorted rows that some dropped row names in duplicate_of
     keeper_ids: pa.Array  # their sample ids
     contamination: Contamination | None = None  # training rows that copy an evaluation image
+    reviewed: np.ndarray | None = None  # bool: a review decision changed this row's keep/drop
 
     @classmethod
     def build(
@@ -111,6 +114,7 @@ class Manifest:
         embedding_label: str = "embedding",
         ok: np.ndarray | None = None,
         contamination: Contamination | None = None,
+        reviewed: np.ndarray | None = None,
     ) -> Manifest:
         rows = as_rows(table)
         n = rows.num_rows
@@ -125,7 +129,7 @@ class Manifest:
         keeper_ids = rows.take(["sample_id"], keeper_rows).column(0).combine_chunks()
         return cls(
             rows, labels, keep_row, ok, sizes(labels), link_sig, link_score, embedding_label, keeper_rows, keeper_ids,
-            contamination if contamination is not None and len(contamination) else None,
+            contamination if contamination is not None and len(contamination) else None, reviewed,
         )  # fmt: skip
 
     @property
@@ -150,6 +154,8 @@ class Manifest:
         keep = ok & (self.keep_row[idx] == idx)
         dropped = ok & ~keep
         reason = np.where(~ok, 3, np.where(size == 1, 0, np.where(keep, 1, 2))).astype(np.int8)
+        if self.reviewed is not None:
+            reason[ok & self.reviewed[idx]] = 4
         kr = self.keep_row[idx]
         named = dropped & (kr >= 0)
         pos = np.searchsorted(self.keeper_rows, kr) if self.keeper_rows.size else np.zeros(idx.shape[0], np.int64)

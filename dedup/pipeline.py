@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ from dedup._version import __version__
 from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
-from dedup.cluster import components
 from dedup.config import RunConfig, save_config
+from dedup.decisions import apply_decisions, load_decisions, review_section
 from dedup.errors import ConfigError, OutputError, SourceError
 from dedup.executors.base import Executor, Markers, merge_stats
 from dedup.executors.local import LocalExecutor
@@ -77,13 +78,15 @@ def run(
     executor: Executor | None = None,
     progress: ProgressFactory | None = None,
     against: Sequence[str | Path] = (),
+    decisions: Sequence[str | Path] = (),
 ) -> RunResult:
     """Deduplicate ``sources`` into ``out``; resumes from the checkpoints of an earlier run.
 
     ``against``: evaluation sets to decontaminate from: output folders of ``dedup run`` over
     them (their indexes), each as ``PATH`` or ``NAME=PATH``. Every training sample that copies
     one of their images is dropped with the reason ``contaminates:<NAME>``
-    (:mod:`dedup.contamination`)."""
+    (:mod:`dedup.contamination`). ``decisions``: decisions files of ``dedup review`` (of
+    another run over the same data) to honour besides ``OUT/decisions.parquet``."""
     cfg = config or RunConfig()
     prog = progress or silent
     out_dir = Path(out)
@@ -116,6 +119,7 @@ def run(
                 catalog=catalog,
                 features_dir=work / FEATURES,
                 evals=evals,
+                decisions=[Path(d) for d in decisions],
             )
 
 
@@ -248,6 +252,7 @@ def finish(
     catalog: Catalog | None = None,
     features_dir: Path | None = None,
     evals: Sequence[EvalSet] = (),
+    decisions: Sequence[Path] = (),
 ) -> RunResult:
     """The global stages over all features: search, cluster, select, and every output.
 
@@ -258,7 +263,8 @@ def finish(
     they are rediscovered from the manifest's ``source`` column. ``catalog`` (sources and
     shards) goes into the index, for ``dedup index add``. ``features_dir`` holds the shards'
     checkpoints (:class:`~dedup.featurize.FeatureStep`'s folder), where the partial-copy search
-    finds their region descriptors. Callers hold the index lock.
+    finds their region descriptors. ``OUT/decisions.parquet`` (``dedup review``) and the
+``decisions`` files are honoured (:mod:`dedup.decisions`). Callers hold the index lock.
     """
     rows = as_rows(table)
     timer = PhaseLog()
@@ -277,16 +283,23 @@ def finish(
     embedding_label = PRECOMPUTED if shard_stats.get("precomputed") else cfg.embed.model.value
     with progress("cluster + select", 1, "step") as bar:
         n = rows.num_rows
-        labels = components(n, edges)
+        # A curator's decisions (dedup review): cannot-links cut clusters, must-links join them.
+        applied = apply_decisions(n, rows, edges, load_decisions(out_dir, decisions))
+        labels = applied.labels
         ok = rows.equals("status", "ok")
         pixels = rows.numbers("width") * rows.numbers("height")
         metric = _metric(rows, cfg.keep.column) if cfg.keep.column else None
-        keep_row = keepers(labels, policy=cfg.keep.policy, eligible=ok, pixels=pixels, metric=metric)
-        del pixels, metric
+        select = partial(keepers, policy=cfg.keep.policy, eligible=ok, pixels=pixels, metric=metric)
+        keep_row = select(labels)
+        reviewed = applied.changed(keep_row, select(applied.before) if applied.before is not None else None)
+        del pixels, metric, select
+        edges = applied.links
         contamination = find_contamination(rows, vectors, labels, cfg, evals) if evals else None
         manifest = Manifest.build(
-            rows, labels, keep_row, edges, embedding_label=embedding_label, ok=ok, contamination=contamination
+            rows, labels, keep_row, edges, embedding_label=embedding_label, ok=ok, contamination=contamination, reviewed=reviewed
         )
+        if applied.before is not None or applied.stats["decisions"]:
+            shard_stats = {**shard_stats, "review": applied.stats}
         bar.update(1)
     timer.done("cluster + select")
     with progress("write outputs", 1, "step") as bar:
@@ -302,6 +315,8 @@ def finish(
             for ev in evals:
                 section[ev.name]["index"] = str(ev.index.directory.parent)
             report["contamination"] = section
+        if (reviewing := review_section(out_dir)) is not None:
+            report["review"] = reviewing
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_report_pages(
             report, out_dir, manifest=manifest, shards=shards, features=rows, thumb_size=cfg.report.thumb_size

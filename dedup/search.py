@@ -30,6 +30,7 @@ class Signal(IntEnum):
     CAPTION = 6
     VERIFIED = 7  # an embedding link below the threshold, confirmed by a second look (geometry, or the full model)
     PARTIAL = 8  # a region of one image holds the other (confirmed by geometry)
+    REVIEWED = 9  # a curator said *same* in `dedup review` (a must-link; OUT/decisions.parquet)
 
     @property
     def label(self) -> str:

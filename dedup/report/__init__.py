@@ -70,7 +70,8 @@ def write_report_pages(
 
 
 def rerender(out: str | Path) -> Path:
-    """Render ``OUT/report.html`` again from ``OUT/report.json`` (and ``OUT/thumbnails.parquet``)."""
+    """Render ``OUT/report.html`` again from ``OUT/report.json`` (and ``OUT/thumbnails.parquet``),
+    with report.json's ``review`` section brought up to date with ``OUT/decisions.parquet``."""
     import json
 
     from dedup.errors import OutputError
@@ -82,5 +83,13 @@ def rerender(out: str | Path) -> Path:
         raise OutputError(f"{folder} has no report.json; run `dedup run ... --out {folder}` first") from None
     except (OSError, ValueError) as err:
         raise OutputError(f"cannot read {folder / 'report.json'}: {err}; hint: run `dedup run` again into it") from None
+    from dedup._io import atomic_write_text
+    from dedup.decisions import review_section
+
+    # Decisions made since the run (dedup review): their counts and the precision they measured.
+    section = review_section(folder)
+    if section is not None and section != report.get("review"):
+        report["review"] = section
+        atomic_write_text(folder / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_report_html(report, folder / REPORT_HTML, thumbnails=read_thumbnails(folder / THUMBS_FILE))
     return folder / REPORT_HTML

@@ -323,6 +323,48 @@ def _contamination(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _review(report: dict[str, Any]) -> str:
+    """The curator's decisions (``dedup review``) and the precision the sample measured."""
+    section = report.get("review")
+    if not section:
+        return ""
+    c = section.get("decisions", {})
+    out = [
+        "<h2>Reviewed links</h2>",
+        f'<p class="note">{_num(c.get("same", 0))} pairs marked same, {_num(c.get("different", 0))} different, '
+        f"{_num(c.get('skip', 0))} skipped in <code>dedup review</code> (OUT/decisions.parquet); the next run "
+        "into this folder honours them.</p>",
+    ]
+    table = section.get("precision")
+    if table:
+        def pct(v: Any) -> str:
+            return "&ndash;" if v is None else f"{100 * v:.0f}%"
+
+        rows = [
+            [_e(b["signal"]), _e(b["band"]), _num(b["sampled"]), _num(b["decided"]), pct(b["precision"]),
+             "&ndash;" if b["ci_low"] is None else f"{pct(b['ci_low'])}&ndash;{pct(b['ci_high'])}",
+             "yes" if b["proves_target"] else ("estimate only" if b["meets_target"] else ("no" if b["decided"] else "&ndash;"))]
+            for b in table.get("bands", [])
+        ]  # fmt: skip
+        supports = [
+            [_e(sig), "&ndash;" if v["supported_threshold"] is None else _num(v["supported_threshold"]),
+             "&ndash;" if v["confident_threshold"] is None else _num(v["confident_threshold"])]
+            for sig, v in sorted(table.get("signals", {}).items())
+        ]  # fmt: skip
+        target = pct(table.get("target"))
+        out.append(
+            f"<h3>Measured precision (a stratified sample, per signal and similarity band)</h3>"
+            f'<p class="note">precision = same / (same + different) among the sampled links of a band, '
+            f"with its Wilson 95% interval; a band meets the target when its precision is at least {target}, "
+            "and proves it when the interval's lower end is.</p>"
+            + _table(["signal", "band", "sampled", "decided", "precision", "95% interval", f"reaches {target}"], rows, numeric=(2, 3, 4))
+            + f'<p class="note">The threshold each signal\'s bands support: the lowest band floor from which every '
+            f"decided band above reaches {target} (by the estimate, and proven by the interval).</p>"
+            + _table(["signal", "supported threshold", "proven threshold"], supports, numeric=(1, 2))
+        )
+    return "\n".join(out)
+
+
 def render(report: dict[str, Any], *, thumbnails: Mapping[str, bytes] | None = None) -> str:
     """The whole page for a ``report.json`` dict (and the thumbnails of its largest clusters)."""
     s = report["summary"]
@@ -352,6 +394,9 @@ def render(report: dict[str, Any], *, thumbnails: Mapping[str, bytes] | None = N
 of its strongest link. Captions and URLs are as the data has them.</p>
 {_clusters(report, thumbnails or {})}
 {_contamination(report)}
+
+
+{_review(report)}
 <h2>Signals and settings</h2>
 {_settings(report)}
 <footer>Written by dedup {_e(report.get("dedup_version", ""))}. Machine-readable numbers: report.json;

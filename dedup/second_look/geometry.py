@@ -24,7 +24,7 @@ from PIL import Image
 from dedup.config import SearchConfig
 from dedup.errors import MissingDependencyError
 
-__all__ = ["LocalFeatures", "aligned_agreement", "confirms", "geometric_inliers", "geometric_match", "local_features"]
+__all__ = ["LocalFeatures", "aligned_agreement", "confirms", "geometric_inliers", "geometric_match", "local_features", "matched_region"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +140,25 @@ def geometric_match(query: LocalFeatures, target: LocalFeatures, *, ratio: float
     (:func:`aligned_agreement`; 0 without one)."""
     found = _matches(query, target, ratio)
     return _aligned(query, target, found, similarity=similarity) if found is not None else (0, 0.0)
+
+
+def matched_region(query: LocalFeatures, target: LocalFeatures, query_size: tuple[int, int], *, ratio: float = 0.75) -> tuple[np.ndarray, int] | None:
+    """Where ``query`` (an image of ``query_size``, width x height, as given to
+    :func:`local_features`) lies in ``target``: its four corners mapped by the homography
+    (``(4, 2)``, in the keypoint pixels of ``target``: its longest side 512), and the inliers;
+    None without a fit. For showing a partial copy's region (``dedup review``), not deciding."""
+    found = _matches(query, target, ratio)
+    if found is None:
+        return None
+    h, inliers = _fit(*found, similarity=False)
+    if h is None:
+        return None
+    fit = LOCAL_SIDE / max(query_size)
+    w, hgt = query_size[0] * fit, query_size[1] * fit
+    corners = np.array([[0, 0, 1], [w, 0, 1], [w, hgt, 1], [0, hgt, 1]], np.float64) @ h.T
+    if np.any(np.abs(corners[:, 2]) < 1e-9):
+        return None
+    return corners[:, :2] / corners[:, 2:], inliers
 
 
 def _aligned(query: LocalFeatures, target: LocalFeatures, found: tuple[np.ndarray, np.ndarray], *, similarity: bool) -> tuple[int, float]:
