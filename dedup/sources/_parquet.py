@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup._types import Sample, Shard
-from dedup.errors import SourceError
 from dedup.sources._common import (
     open_failure,
     open_input,

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import IO, Any, Self
 
 from dedup._types import Sample, Shard
-from dedup.errors import SourceError
 from dedup.sources._common import (
     open_failure,
     open_input,
