@@ -53,7 +53,9 @@ def discover(sources: Sequence[str], *, folder_batch: int = 1000) -> list[Shard]
     """List the shards of ``sources``, in a stable order: sources as given, then by path.
 
     Each source is a local path, a ``file://`` URL or any fsspec URL (``s3://``, ``gs://``,
-    ``http://`` ...), naming a folder or a single file. A folder may hold several kinds at
+    ``http://`` ...), naming a folder or a single file. Over HTTP a folder is an index page
+    (its links are the folder's entries), and each file's size and ``Last-Modified`` are
+    asked for, so stamps change when files do. A folder may hold several kinds at
     once (say, tars and loose images) and is searched recursively; dot-files and dot-folders
     are skipped. ``shard_id`` is the shard's path relative to its source (``00000.tar``,
     ``00000`` for a files folder, ``part-00000`` for a batch of loose images), prefixed with
