@@ -1,9 +1,13 @@
 """Run configuration: one frozen dataclass per concern, loaded from TOML presets.
 
-Presets live in ``configs/`` (installed as ``dedup.configs``). A preset or user file only needs
-the keys it changes; everything else keeps the defaults below. The resolved config is written
-as JSON beside the outputs, and its stage-relevant parts name the checkpoints, so a rerun with
-other settings never reuses stale work.
+The defaults below *are* the ``default`` preset (``configs/default.toml``, which lists them with
+the measurements behind them; ``tests/test_config.py`` proves the two equal field by field), so
+``RunConfig()`` in the library is what ``dedup run`` does without options. Every other preset in
+``configs/`` (installed as ``dedup.configs``) is the default with the keys its file lists
+changed, and a user's ``--config`` file is the chosen preset with *its* keys changed: a file
+holds only what it changes. The resolved config is written as JSON beside the outputs, and its
+stage-relevant parts name the checkpoints, so a rerun with other settings never reuses stale
+work.
 """
 
 from __future__ import annotations
@@ -43,19 +47,21 @@ class KeepPolicy(StrEnum):
 class FingerprintConfig:
     """What is computed for every decoded image."""
 
-    phash: bool = True  # 64-bit pHash, bit for bit imagehash.phash
+    # 64-bit pHash, bit for bit imagehash.phash: not a signal of any preset (search.phash_distance
+    # -1), so not computed unless asked for
+    phash: bool = False
     pdq: bool = True  # 256-bit PDQ (Meta)
     # PDQ of the image's 7 rotations/flips too (same cost, 224 more bytes per row): a rotated
     # or mirrored copy is within pdq_distance of one of them
-    pdq_dihedral: bool = False
+    pdq_dihedral: bool = True
     # PDQ hashes the image fitted within this square (Meta's Python reference hasher: 512).
     # Smaller is cheaper (pdqhash's cost is per input pixel) and, measured on the bench, as
     # good: 384 links more true pairs within 31 bits than 512 (2,964 against 2,897), no more
     # false ones (3 against 5), in 56 % of the pixels.
-    pdq_side: int = 512
+    pdq_side: int = 384
     # embed the image without uniform margins (letterbox bars, padding, empty canvas), so a
     # padded copy and its original show the model the same picture (fingerprint.trim_borders)
-    trim: bool = False
+    trim: bool = True
     max_pixels: int = 178_956_970  # refuse images declaring more pixels (decompression bombs)
 
 
@@ -64,8 +70,11 @@ _CPU_BATCH, _GPU_BATCH = 8, 64  # EmbedConfig.batch_size = 0: see there
 
 @dataclass(frozen=True, slots=True)
 class EmbedConfig:
-    model: EmbedModel = EmbedModel.SSCD
-    size: int = 288  # square input side; SSCD's authors resize to 288 (small edge) or 320 (skew)
+    # the SSCD student: 4x the speed of full SSCD, as good on the bench (bench/quality.py)
+    model: EmbedModel = EmbedModel.SSCD_DISTILLED
+    # square input side; SSCD's authors resize to 288 (small edge) or 320 (skew). 224: half the
+    # model time of 288 (first bench round: F1 0.808 at 224 against 0.791 at 288)
+    size: int = 224
     # images per model call; 0 = by device: 8 on the CPU (measured, sscd_distilled at 224 px, one
     # thread: 4.0 ms an image at 8 against 4.3 at 32, and 155 MB less ONNX Runtime arena a worker;
     # full SSCD the same speed at both), 64 on a GPU (small batches leave it waiting on launches)
@@ -80,7 +89,7 @@ class EmbedConfig:
     # Region descriptors (dedup.embed.regions) beside each global embedding, for finding
     # partial copies: free in model time; one float16 vector per window on disk (13 windows
     # at the default scales, 29 with 1/3 added).
-    regions: bool = False
+    regions: bool = True
     region_scales: tuple[float, ...] = (5 / 9, 7 / 9)  # window sides, as shares of the image's
 
     def batch(self) -> int:
@@ -94,7 +103,9 @@ class EmbedConfig:
 class SearchConfig:
     """Which links make two samples duplicates. A link always records its signal and score."""
 
-    threshold: float = 0.95  # embedding cosine similarity (SSCD >= 0.95: the paper's duplicate)
+    # embedding cosine similarity of a direct link (SSCD >= 0.95 is the paper's duplicate; 0.9 with
+    # the second look below is the bench's best trade-off); below it only what aligns is linked
+    threshold: float = 0.9
     phash_distance: int = -1  # Hamming distance on pHash; -1 turns the signal off
     pdq_distance: int = 31  # Hamming distance on PDQ (Meta's recommended 31); -1 turns it off
     exact: bool = True  # identical bytes or identical decoded pixels
@@ -116,11 +127,11 @@ class SearchConfig:
     # recoloured copies agree; dedup.second_look.geometry.confirms); "model" re-embeds
     # them with verify_model and keeps the pair at >= verify_threshold. verify_from < 0 turns
     # it off; it needs the images (not precomputed embeddings).
-    verify_from: float = -1.0
+    verify_from: float = 0.55
     verify_by: Verifier = Verifier.GEOMETRY
     verify_inliers: int = 12
     verify_agreement: float = 0.94
-    verify_per_image: int = 0  # band pairs looked at per image (its best ones); 0 = all
+    verify_per_image: int = 10  # band pairs looked at per image (its best ones); 0 = all
     verify_threshold: float = 0.75
     verify_model: EmbedModel = EmbedModel.SSCD
     # Partial copies (an image pasted into a larger one): a region descriptor of one image
@@ -128,8 +139,8 @@ class SearchConfig:
     # the two whole images' own score by partial_margin, proposes the pair; the re-read images
     # must then show partial_inliers local-feature matches under one homography with half the
     # aligned pixels agreeing (or pass as a global pair would).
-    partial: bool = False
-    partial_propose: float = 0.5
+    partial: bool = True
+    partial_propose: float = 0.35
     partial_margin: float = 0.1
     partial_inliers: int = 40
     partial_top_k: int = 4  # proposals per region descriptor (nearest whole images)
@@ -179,7 +190,7 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     folder_batch: int = 1000  # images per shard when reading a plain folder
-    workers: int = 1  # shards processed at once (processes); 0 = one per core
+    workers: int = 0  # shards processed at once (processes); 0 = one per core
 
     def with_overrides(self, overrides: dict[str, Any]) -> Self:
         """A copy with dotted keys replaced, e.g. ``{"search.threshold": 0.9}``; None is ignored."""
@@ -190,6 +201,8 @@ class RunConfig:
             node = data
             *parents, leaf = dotted.split(".")
             for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"unknown setting '{dotted}'")
                 node = node[p]
             if leaf not in node:
                 raise ConfigError(f"unknown setting '{dotted}'")
@@ -282,16 +295,53 @@ def preset_path(name: str) -> Path:
 
 
 def load_config(preset: str | None = "default", path: str | Path | None = None) -> RunConfig:
-    """The config of a preset (bundled name) or of a user TOML file (which wins if both)."""
-    source = Path(path) if path is not None else preset_path(preset or "default")
+    """The config of a bundled preset, with a user TOML file's keys laid over it.
+
+    A preset is the default (``RunConfig()``) with the keys its file lists changed; ``path``
+    (``--config``) likewise changes only the keys it lists, over the preset. A key a file does
+    not name keeps the value beneath it, so ``[search]\nthreshold = 0.85`` over ``strict`` is
+    strict at 0.85, not some other tool.
+
+    Raises:
+        ConfigError: an unknown preset, a missing or invalid file, an unknown key or a value
+            of the wrong type (named with its dotted key).
+    """
+    cfg = RunConfig()
+    cfg = _lay_over(cfg, _read_toml(preset_path(preset or "default")))
+    if path is not None:
+        cfg = _lay_over(cfg, _read_toml(Path(path)))
+    return cfg
+
+
+def _read_toml(source: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {source}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {source} is a folder; hint: pass a .toml file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {source} is not UTF-8 text; hint: pass a .toml file") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {source} is not valid TOML: {err}") from None
     data.pop("description", None)
-    return from_dict(RunConfig, data)
+    return data
+
+
+def _lay_over(cfg: RunConfig, data: dict[str, Any]) -> RunConfig:
+    """``cfg`` with the (partial, nested) settings of ``data`` replaced, the rest kept."""
+    from_dict(RunConfig, data)  # checks names and types first, for errors that name the key
+    merged = to_dict(cfg)
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for name, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(name), dict):
+                merge(into[name], value)
+            else:
+                into[name] = value
+
+    merge(merged, data)
+    return from_dict(RunConfig, merged)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

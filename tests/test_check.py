@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _configs import PLAIN
 from _data import edited_copies, natural_image
 from typer.testing import CliRunner
 
@@ -19,12 +20,12 @@ from dedup import run
 from dedup.check import BASELINE_COLUMNS, check
 from dedup.signals import cross_links
 from dedup.cli import app
-from dedup.config import GateConfig, RunConfig
+from dedup.config import GateConfig
 from dedup.add import plan_add
 from dedup.store import open_index
 from dedup.search import Signal
 
-FAST = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 8})
+FAST = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 8})
 LIMITS = ("max_share_duplicating_baseline", "max_share_duplicated_within_drop", "max_cluster_size")
 SIZE = (160, 120)
 runner = CliRunner()
@@ -133,7 +134,15 @@ def test_flags_and_config_files_set_the_limits(baseline: tuple[Path, Path], tmp_
     assert off == {**off, "off": True, "passed": True, "limit": None}
     gate = tmp_path / "gate.toml"
     gate.write_text("[gate]\nmax_share_duplicated_within_drop = 0.5\n")
-    assert _check_json(str(drop), "--against", str(out), "--config", str(gate))[0] == 0
+    code, body = _check_json(str(drop), "--against", str(out), "--config", str(gate))
+    assert code == 0
+    # the file names one limit; the others stay the preset's (ci), not turned off or reset
+    limits = {lim["name"]: lim["limit"] for lim in body["limits"]}
+    assert limits == {"max_share_duplicating_baseline": 0.05, "max_share_duplicated_within_drop": 0.5, "max_cluster_size": 20}
+    strict = tmp_path / "strict.toml"
+    strict.write_text("[gate]\nmax_cluster_size = 3\n")
+    code, body = _check_json(str(drop), "--against", str(out), "--preset", "strict", "--config", str(strict))
+    assert {lim["name"]: lim["limit"] for lim in body["limits"]}["max_cluster_size"] == 3
     # a flag beats the file
     assert _check_json(str(drop), "--against", str(out), "--config", str(gate), "--max-internal-share", "0.1")[0] == 1
 

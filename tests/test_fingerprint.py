@@ -14,6 +14,7 @@ import imagehash
 import numpy as np
 import pdqhash
 import pytest
+from _configs import plain_fingerprint
 from _data import natural_image
 from PIL import Image
 
@@ -21,7 +22,7 @@ from dedup.config import FingerprintConfig
 from dedup.errors import SampleError
 from dedup.fingerprint import Features, decode, fingerprint, hamming, pdq_dihedral
 
-CFG = FingerprintConfig()
+CFG = plain_fingerprint()
 
 
 def _encode(img: Image.Image, fmt: str, **params: object) -> bytes:
@@ -128,9 +129,9 @@ def test_pdq_of_a_greyscale_copy_is_its_originals() -> None:
     # (saved as RGB or as L) hashes bit for bit as the colour original, at any size.
     for size in ((400, 300), (1300, 700)):
         img = natural_image(11, size)
-        colour = _ok(_encode(img, "PNG"), FingerprintConfig(pdq_dihedral=True, pdq_side=384))
+        colour = _ok(_encode(img, "PNG"), plain_fingerprint(pdq_dihedral=True, pdq_side=384))
         for grey in (img.convert("L"), img.convert("L").convert("RGB")):
-            copy = _ok(_encode(grey, "PNG"), FingerprintConfig(pdq_dihedral=True, pdq_side=384))
+            copy = _ok(_encode(grey, "PNG"), plain_fingerprint(pdq_dihedral=True, pdq_side=384))
             assert copy.pdq == colour.pdq and copy.pdq_variants == colour.pdq_variants, size
 
 
@@ -189,8 +190,8 @@ def test_pdq_side_sets_the_scale_pdq_hashes_at() -> None:
     # dihedral variant at the same side, and a different side gives a (slightly) different hash.
     data = _encode(natural_image(10, (1024, 768)), "PNG")
     img = Image.open(io.BytesIO(data))
-    at_384 = _ok(data, FingerprintConfig(pdq_dihedral=True, pdq_side=384))
-    at_512 = _ok(data, FingerprintConfig(pdq_dihedral=True, pdq_side=512))
+    at_384 = _ok(data, plain_fingerprint(pdq_dihedral=True, pdq_side=384))
+    at_512 = _ok(data, plain_fingerprint(pdq_dihedral=True, pdq_side=512))
     assert at_384.pdq == pdq_dihedral(img, side=384)[0]
     assert at_512.pdq == pdq_dihedral(img, side=512)[0]
     assert at_384.pdq is not None and at_512.pdq is not None and at_384.pdq != at_512.pdq
@@ -206,7 +207,7 @@ def test_hamming() -> None:
 
 
 def test_signals_can_be_switched_off() -> None:
-    f = _ok(_encode(natural_image(9), "JPEG"), FingerprintConfig(phash=False, pdq=False))
+    f = _ok(_encode(natural_image(9), "JPEG"), plain_fingerprint(phash=False, pdq=False))
     assert f.phash is None and f.pdq is None and f.pdq_quality is None
     assert f.sha256 is not None and f.pixel_sha256 is not None
 
@@ -396,7 +397,7 @@ def test_trim_cuts_uniform_margins_and_records_the_box() -> None:
     picture = natural_image(21, (200, 150))
     canvas = Image.new("RGB", (300, 250), (255, 255, 255))
     canvas.paste(picture, (40, 60))
-    cfg = FingerprintConfig(trim=True)
+    cfg = plain_fingerprint(trim=True)
     features, seen = fingerprint(_encode(canvas, "PNG"), cfg, prepare=np.asarray)
     assert seen is not None and features.trim is not None
     left, top, right, bottom = features.trim
@@ -407,7 +408,7 @@ def test_trim_cuts_uniform_margins_and_records_the_box() -> None:
 
     whole, seen_whole = fingerprint(_encode(picture, "PNG"), cfg, prepare=np.asarray)
     assert whole.trim == (0.0, 0.0, 1.0, 1.0) and seen_whole is not None and seen_whole.shape == (150, 200, 3)
-    untrimmed, _ = fingerprint(_encode(canvas, "PNG"), FingerprintConfig(trim=False), prepare=np.asarray)
+    untrimmed, _ = fingerprint(_encode(canvas, "PNG"), plain_fingerprint(trim=False), prepare=np.asarray)
     assert untrimmed.trim == (0.0, 0.0, 1.0, 1.0)
     no_model, _ = fingerprint(_encode(canvas, "PNG"), cfg)
     assert no_model.trim is None  # no model input, nothing cut

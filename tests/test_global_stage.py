@@ -19,10 +19,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from _configs import PLAIN
 from dedup import run
 from dedup.cli import app
 from dedup.cluster import components
-from dedup.config import KeepPolicy, RunConfig
+from dedup.config import KeepPolicy
 from dedup.errors import OutputError
 from dedup.featurize import SCHEMA
 from dedup.manifest import MANIFEST_SCHEMA, Manifest, _GroupWriter, build_manifest
@@ -188,7 +189,7 @@ def _image_folder(root: Path) -> Path:
 
 def test_precomputed_index_records_its_kind_and_query_and_check_refuse_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run([str(_clip_dir(tmp_path / "emb"))], out, config=RunConfig().with_overrides({"search.threshold": 0.95}))
+    run([str(_clip_dir(tmp_path / "emb"))], out, config=PLAIN.with_overrides({"search.threshold": 0.95}))
     meta = json.loads((out / "index" / "meta.json").read_text())
     assert meta["model"] == "precomputed" and meta["dim"] == 16
     images = _image_folder(tmp_path / "gen")
@@ -244,7 +245,7 @@ def test_faiss_files_on_a_full_disk_are_an_output_error_and_leave_nothing(tmp_pa
 
 def test_a_marker_whose_checkpoint_is_gone_recomputes_the_shard(tmp_path: Path) -> None:
     src = _clip_dir(tmp_path / "emb")
-    cfg = RunConfig().with_overrides({"search.threshold": 0.95})
+    cfg = PLAIN.with_overrides({"search.threshold": 0.95})
     run([str(src)], tmp_path / "clean", config=cfg)
     out = tmp_path / "out"
     run([str(src)], out, config=cfg)
@@ -271,7 +272,7 @@ def test_two_runs_into_one_folder_are_locked_against_each_other(tmp_path: Path) 
         assert not (out / "manifest.parquet").exists() and not (out / ".work").exists()
     finally:
         os.close(fd)
-    run([str(src)], out, config=RunConfig().with_overrides({"search.threshold": 0.95}))  # free again
+    run([str(src)], out, config=PLAIN.with_overrides({"search.threshold": 0.95}))  # free again
     assert (out / "manifest.parquet").is_file()
     shutil.rmtree(out / ".work")
 
@@ -279,7 +280,7 @@ def test_two_runs_into_one_folder_are_locked_against_each_other(tmp_path: Path) 
 def test_index_add_reads_the_stored_vectors_in_pieces_and_equals_the_full_run(tmp_path: Path) -> None:
     from dedup.add import add
 
-    cfg = RunConfig().with_overrides({"search.threshold": 0.95, "search.partition_above": 100})
+    cfg = PLAIN.with_overrides({"search.threshold": 0.95, "search.partition_above": 100})
     a = _clip_dir(tmp_path / "a", n=300, seed=1)
     b = _clip_dir(tmp_path / "b", n=200, seed=2)
     run([str(a), str(b)], tmp_path / "full", config=cfg)

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _configs import PLAIN
 from _data import PlantedDataset, make_image_folder
 from typer.testing import CliRunner
 
 from dedup import run
 from dedup.cli import app
-from dedup.config import RunConfig
+
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.add import add
 from dedup.store import (
@@ -27,7 +28,7 @@ from dedup.store import (
     open_index,
 )
 
-FAST = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
+FAST = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
 OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json", "index/samples.parquet", "index/embeddings.npy")
 runner = CliRunner()
 

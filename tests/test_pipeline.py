@@ -10,14 +10,15 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from _configs import PLAIN
 from _data import PlantedDataset, make_laion_parquet
 
 from dedup import run
-from dedup.config import KeepPolicy, RunConfig
+from dedup.config import KeepPolicy
 from dedup.errors import OutputError, SourceError
 from dedup.featurize import FeatureStep
 
-FAST = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
+FAST = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
 
 
 def _manifest(out: Path) -> pl.DataFrame:

@@ -27,10 +27,11 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
 from badinputs import encode, meta_row, picture, sample_members, sidecar_bytes, tar_bytes  # noqa: E402
 
+from _configs import PLAIN  # noqa: E402
 from dedup import run  # noqa: E402
 from dedup._types import Sample, Shard, ShardKind  # noqa: E402
 from dedup.cluster import components  # noqa: E402
-from dedup.config import KeepPolicy, RunConfig  # noqa: E402
+from dedup.config import KeepPolicy  # noqa: E402
 from dedup.featurize import SCHEMA  # noqa: E402
 from dedup.manifest import build_manifest  # noqa: E402
 from dedup.signals import find_edges  # noqa: E402
@@ -244,7 +245,7 @@ def _table(shards: Sequence[Sequence[dict[str, Any]]]) -> tuple[pa.Table, np.nda
 
 
 def _clusters(table: pa.Table, vectors: np.ndarray, policy: KeepPolicy) -> tuple[set[frozenset[str]], pa.Table]:
-    cfg = RunConfig().with_overrides({"search.threshold": 0.999, "search.pdq_distance": 0, "keep.policy": policy.value})
+    cfg = PLAIN.with_overrides({"search.threshold": 0.999, "search.pdq_distance": 0, "keep.policy": policy.value})
     edges, _ = find_edges(table, vectors, cfg)
     labels = components(table.num_rows, edges)
     ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
@@ -311,7 +312,7 @@ def test_renaming_shards_to_reorder_them_gives_the_same_clusters(tmp_path: Path,
         [("b0", jpeg[0]), ("b1", recoded[1]), ("b3", jpeg[3])],
         [("c0", recoded[0]), ("c4", jpeg[4]), ("c3", jpeg[3]), ("c9", b"not an image")],
     ]
-    cfg = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224})
+    cfg = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224})
     results = []
     for name, order in (("first", (0, 1, 2)), ("second", permutation)):
         src = tmp_path / name

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _configs import PLAIN
 from _data import PlantedDataset
 
 from typer.testing import CliRunner
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from dedup import run
 from dedup._types import Shard, ShardKind
 from dedup.cli import app
-from dedup.config import RunConfig
+
 from dedup.executors.base import Markers
 from dedup.executors.local import ShardFailedError
 from dedup.executors.ray import RayExecutor
@@ -34,7 +35,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
 
-FAST = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
+FAST = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _configs import PLAIN, plain_embed, plain_fingerprint
 from _data import natural_image
 from PIL import Image, ImageDraw, ImageOps
 
-from dedup.config import EmbedConfig, EmbedModel, FingerprintConfig, RunConfig
+from dedup.config import EmbedModel
 from dedup.embed.onnx import build_onnx_sscd
 from dedup.embed.regions import HEADS, pool_regions, windows, with_outputs
 from dedup.fingerprint import fingerprint
@@ -53,7 +54,7 @@ def _scene(picture: Image.Image, seed: int, share: float = 0.3) -> Image.Image:
 def test_global_rebuilt_from_the_feature_map(model: EmbedModel) -> None:
     """The tensor names and GeM settings in HEADS are the packaged models' own: pooling the whole
     feature map through the projection gives back the model's embedding."""
-    emb = build_onnx_sscd(EmbedConfig(model=model, regions=True), threads=1)
+    emb = build_onnx_sscd(plain_embed(model=model, regions=True), threads=1)
     batch = np.stack([emb.preprocess(natural_image(s)) for s in range(3)])
     head = HEADS[model.value]
     vectors, fmap, weight, bias = emb._session.run([emb._output, head.feature_map, head.weight, head.bias], {emb._input: batch})
@@ -75,8 +76,8 @@ def test_global_rebuilt_from_the_feature_map(model: EmbedModel) -> None:
 
 
 def test_regions_off_or_unknown_model() -> None:
-    assert not build_onnx_sscd(EmbedConfig(model=EmbedModel.SSCD_DISTILLED), threads=1).regions
-    assert build_onnx_sscd(EmbedConfig(model=EmbedModel.SSCD_DISTILLED, regions=True), threads=1).regions
+    assert not build_onnx_sscd(plain_embed(model=EmbedModel.SSCD_DISTILLED), threads=1).regions
+    assert build_onnx_sscd(plain_embed(model=EmbedModel.SSCD_DISTILLED, regions=True), threads=1).regions
 
 
 def test_with_outputs_appends_graph_outputs() -> None:
@@ -105,7 +106,7 @@ def test_pool_regions_of_a_constant_map_equal_the_global() -> None:
 
 
 def test_a_region_finds_the_picture_inside_a_mock_up() -> None:
-    emb = build_onnx_sscd(EmbedConfig(model=EmbedModel.SSCD_DISTILLED, regions=True), threads=1)
+    emb = build_onnx_sscd(plain_embed(model=EmbedModel.SSCD_DISTILLED, regions=True), threads=1)
     pictures = [natural_image(100 + s, (300, 240)) for s in range(4)]
     scenes = [_scene(p, 200 + s) for s, p in enumerate(pictures)]
     glob, regions = emb.embed_regions(np.stack([emb.preprocess(i) for i in pictures + scenes]))
@@ -122,7 +123,7 @@ def test_a_region_finds_the_picture_inside_a_mock_up() -> None:
 def test_pdq_variants_find_rotated_and_mirrored_copies() -> None:
     img = natural_image(7, (320, 240))
     copies = [img, img.rotate(90, expand=True), ImageOps.mirror(img), ImageOps.flip(img), natural_image(8, (320, 240))]
-    cfg = FingerprintConfig(pdq_dihedral=True)
+    cfg = plain_fingerprint(pdq_dihedral=True)
     feats = [fingerprint(_jpeg(c), cfg)[0] for c in copies]
     codes = np.frombuffer(b"".join(f.pdq for f in feats), np.uint8).reshape(-1, 32)
     variants = np.frombuffer(b"".join(f.pdq_variants for f in feats), np.uint8).reshape(-1, 224)
@@ -132,7 +133,7 @@ def test_pdq_variants_find_rotated_and_mirrored_copies() -> None:
     assert not any(4 in p for p in pairs)
     assert set(edges.signal.tolist()) == {int(Signal.PDQ)}
     assert len(pairs) == len(edges)  # one edge per pair
-    plain = fingerprint(_jpeg(img), FingerprintConfig())[0]
+    plain = fingerprint(_jpeg(img), plain_fingerprint())[0]
     assert plain.pdq == feats[0].pdq and plain.pdq_variants is None
 
 
@@ -155,7 +156,7 @@ def test_second_look_links_partial_copies_end_to_end(tmp_path: Path) -> None:
         _scene(p, 400 + s).save(src / f"mockup{s}.jpg", quality=88)
         # another picture on the same wall: must not join either
         _scene(_picture(600 + s), 400 + s).save(src / f"other{s}.jpg", quality=88)
-    cfg = RunConfig().with_overrides(
+    cfg = PLAIN.with_overrides(
         {
             "embed.model": "sscd_distilled",
             "embed.regions": True,
@@ -201,12 +202,12 @@ def test_band_pairs_are_confirmed_by_the_verify_model(tmp_path: Path) -> None:
         "search.verify_from": 0.5,
         "search.verify_by": "model",
     }
-    linked = run([str(src)], tmp_path / "on", config=RunConfig().with_overrides({**base, "search.verify_threshold": 0.7}))
+    linked = run([str(src)], tmp_path / "on", config=PLAIN.with_overrides({**base, "search.verify_threshold": 0.7}))
     rows = {r["key"]: r for r in pq.read_table(tmp_path / "on" / "manifest.parquet").to_pylist()}
     assert rows["a.jpg"]["cluster_id"] == rows["b.jpg"]["cluster_id"] != rows["c.jpg"]["cluster_id"]
     assert rows["b.jpg"]["signal"] == "verified" and rows["b.jpg"]["similarity"] >= 0.7  # full SSCD: 0.75
     assert linked.report["shards"]["second_look"]["confirmed"] == 1
-    refused = run([str(src)], tmp_path / "off", config=RunConfig().with_overrides({**base, "search.verify_threshold": 1.01}))
+    refused = run([str(src)], tmp_path / "off", config=PLAIN.with_overrides({**base, "search.verify_threshold": 1.01}))
     assert refused.report["summary"]["duplicate_clusters"] == 0
 
 
@@ -238,7 +239,7 @@ def _lookalike(seed: int, other: int) -> tuple[Image.Image, Image.Image]:
 
 @pytest.mark.parametrize("edit", ["crop", "rotated", "captioned", "recoloured", "resized"])
 def test_geometry_confirms_whole_image_copies(edit: str) -> None:
-    search = RunConfig().search
+    search = PLAIN.search
     picture = _picture(31)
     copy = _copies(picture)[edit]
     assert confirms(local_features(copy), local_features(picture), search, partial=False)
@@ -247,7 +248,7 @@ def test_geometry_confirms_whole_image_copies(edit: str) -> None:
 
 def test_geometry_refuses_a_family_lookalike_that_shares_corners() -> None:
     """The frame alone gives the pair enough matched corners; the pixels inside disagree."""
-    search = RunConfig().search
+    search = PLAIN.search
     a, b = _lookalike(40, 41)
     fa, fb = local_features(a), local_features(b)
     inliers, agreement = geometric_match(fa, fb)
@@ -298,7 +299,7 @@ def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path, monkeypatch: pytes
     one, two = _lookalike(710, 711)
     one.save(src / "family1.jpg", quality=95)
     two.save(src / "family2.jpg", quality=95)
-    cfg = RunConfig().with_overrides(
+    cfg = PLAIN.with_overrides(
         {"embed.model": "sscd_distilled", "search.threshold": 0.999, "search.pdq_distance": -1, "search.exact": False, "search.verify_from": 0.0}
     )
     result = run([str(src)], tmp_path / "out", config=cfg)
@@ -341,7 +342,7 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
     one, two = _lookalike(710, 711)
     one.save(src / "c-family1.jpg", quality=95)
     two.save(src / "c-family2.jpg", quality=95)
-    cfg = RunConfig().with_overrides(
+    cfg = PLAIN.with_overrides(
         {"embed.model": "sscd_distilled", "search.threshold": 0.999, "search.pdq_distance": -1, "search.exact": False,
          "search.verify_from": 0.0, "folder_batch": 3, "workers": 1}
     )
@@ -403,7 +404,7 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
     picture.save(src / "a.png")
     ImageOps.expand(picture, border=(60, 20, 60, 20), fill=(255, 255, 255)).save(src / "padded.png")
     _copies(picture)["crop"].save(src / "crop.jpg", quality=85)
-    cfg = RunConfig().with_overrides(
+    cfg = PLAIN.with_overrides(
         {"embed.model": "sscd_distilled", "fingerprint.trim": True, "search.threshold": 0.999, "search.pdq_distance": -1,
          "search.exact": False, "search.verify_from": 0.0, "search.verify_by": "geometry"}
     )

@@ -47,6 +47,7 @@ from badinputs import (  # noqa: E402
     write_sidecar,
 )
 
+from _configs import PLAIN  # noqa: E402
 from dedup import run  # noqa: E402
 from dedup.cli import app  # noqa: E402
 from dedup.config import EmbedConfig, EmbedModel, RunConfig, load_config  # noqa: E402
@@ -55,7 +56,7 @@ from dedup.errors import ConfigError, ModelError, OutputError, printable  # noqa
 from dedup.featurize import FeatureStep  # noqa: E402
 from dedup.sources import discover, read_shard  # noqa: E402
 
-FAST = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224})
+FAST = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224})
 CLI_FAST = ["--model", "sscd_distilled", "--quiet"]
 runner = CliRunner()
 
@@ -838,7 +839,7 @@ def test_model_files_that_run_code_need_trust_model_code(tmp_path: Path, monkeyp
     assert trusted.exit_code == 2 and "cannot load TorchScript model" in trusted.output, trusted.output
     assert json.loads((tmp_path / "o2" / "config.json").read_text())["embed"]["trust_code"] is True
     # trust does not change what the checkpoints are named
-    assert RunConfig().stage_key() == RunConfig().with_overrides({"embed.trust_code": True}).stage_key()
+    assert PLAIN.stage_key() == PLAIN.with_overrides({"embed.trust_code": True}).stage_key()
 
 
 def test_symlinks_leaving_the_source_are_failed_rows_never_read(tmp_path: Path) -> None:

@@ -7,15 +7,18 @@ Every reader maps its metadata (a webdataset ``.json``, a parquet row, a sidecar
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import stat as stat_module
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -60,13 +63,22 @@ _REMOTE_READ_THREADS = 16
 _T = TypeVar("_T")
 
 # Optional filesystem packages we ship an extra for: package name -> extra name.
-_EXTRAS = {"s3fs": "s3", "gcsfs": "gcs"}
+_EXTRAS = {"s3fs": "s3", "gcsfs": "gcs", "aiohttp": "http", "requests": "http"}
+
+# Reads from a remote filesystem (http, s3, gs, ...) that fail for a reason that may pass (an
+# HTTP 5xx, a connection dropped mid-body, a timeout) are tried this many times in all, waiting
+# REMOTE_BACKOFF seconds, then twice that, ... between tries. Missing files (404) and refusals
+# (403) are not retried. DEDUP_REMOTE_TRIES / DEDUP_REMOTE_BACKOFF override them.
+REMOTE_TRIES = int(os.environ.get("DEDUP_REMOTE_TRIES", "4"))
+REMOTE_BACKOFF = float(os.environ.get("DEDUP_REMOTE_BACKOFF", "0.5"))
+# An HTTP server that sends nothing for this long (seconds) is a failed try (DEDUP_REMOTE_TIMEOUT).
+REMOTE_TIMEOUT = float(os.environ.get("DEDUP_REMOTE_TIMEOUT", "60"))
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """``fsspec.core.url_to_fs`` with our errors: a missing package names its pip install."""
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
     except ImportError as err:
         message = str(err)
         for package, extra in _EXTRAS.items():
@@ -84,8 +96,186 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def _storage_options(url: str) -> dict[str, Any]:
+    """A read timeout for plain HTTP (aiohttp's default waits five minutes on a silent server)."""
+    if not url.lower().startswith(("http://", "https://")):
+        return {}
+    try:
+        import aiohttp
+    except ImportError:
+        return {}  # url_to_fs raises the ImportError that names the extra
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=REMOTE_TIMEOUT, sock_read=REMOTE_TIMEOUT)}}
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def is_http(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol
+    return "http" in (protocol if isinstance(protocol, tuple | list) else (protocol,))
+
+
+class RemoteReadError(ConnectionError):
+    """A remote read that kept failing after :data:`REMOTE_TRIES` tries, with a short reason."""
+
+    def __init__(self, reason: str, tries: int) -> None:
+        super().__init__(f"{reason} (after {tries} {'try' if tries == 1 else 'tries'})")
+        self.strerror = str(self)
+        self.reason = reason
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors worth another try: network and server trouble, of the packages loaded."""
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        kinds.append(aiohttp.ClientError)  # 5xx (ClientResponseError), dropped bodies, resets
+    return tuple(kinds)
+
+
+def _cause(err: BaseException) -> BaseException:
+    """fsspec's HTTP filesystem turns any failed GET of a file's size (a 500, a refused
+    connection) into ``FileNotFoundError`` raised *from* the real error: look through it."""
+    cause = err.__cause__
+    if isinstance(err, FileNotFoundError) and cause is not None and not isinstance(cause, FileNotFoundError):
+        return cause
+    return err
+
+
+def remote_reason(err: BaseException) -> str:
+    """A short, path-free reason for a failed remote read (counted per reason in the report)."""
+    err = _cause(err)
+    if isinstance(err, RemoteReadError):
+        return str(err)
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        message = getattr(err, "message", "") or ""
+        return one_line(f"HTTP {status} {message}".strip())
+    if isinstance(err, FileNotFoundError):
+        return "not found"
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    if isinstance(err, TimeoutError) or type(err).__name__ in ("ServerTimeoutError", "SocketTimeoutError"):
+        return "timed out"
+    text = one_line(str(err))
+    name = type(err).__name__
+    return f"{name}: {text}" if text else name
+
+
+def open_failure(what: str, err: BaseException) -> SourceError:
+    """The error for a shard file that cannot be opened: a source that stopped answering
+    (retried already) or a file gone since discovery, with the hint that fits."""
+    reason = str(err) if _cause(err) is err else remote_reason(err)
+    if isinstance(_cause(err), RemoteReadError | ConnectionError | TimeoutError):
+        hint = "finished shards are kept: rerun the same command to resume once the source answers"
+    else:
+        hint = "the input changed since discovery? run again to rediscover"
+    return SourceError(f"cannot open shard {what!r}: {reason}; hint: {hint}")
+
+
+def _permanent(err: BaseException) -> bool:
+    """A 4xx (but 408/429) answer, a missing file or a refusal: another try gets the same."""
+    err = _cause(err)
+    status = getattr(err, "status", None)
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+        return True
+    return isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError)
+
+
+def retried[R](call: Callable[[], R], *, tries: int | None = None) -> R:
+    """``call()``, tried again (with backoff) while it fails with a transient remote error; then
+    :class:`RemoteReadError` with the last reason. Permanent errors pass through at once."""
+    tries = max(1, REMOTE_TRIES if tries is None else tries)
+    transient = _transient_errors()
+    for attempt in range(1, tries + 1):
+        try:
+            return call()
+        except Exception as err:
+            if _permanent(err) or not isinstance(_cause(err), transient):
+                raise
+            if attempt == tries:
+                raise RemoteReadError(remote_reason(err), tries) from err
+            time.sleep(REMOTE_BACKOFF * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _RetryingReader(io.RawIOBase):
+    """A remote file read front to back that survives a dropped connection: a read that fails
+    transiently is tried again from the same offset (by seeking, or, where the file cannot
+    seek, by reopening it and skipping what was read). Seeks pass through, for parquet."""
+
+    def __init__(self, opener: Callable[[], IO[bytes]]) -> None:
+        self._opener = opener
+        self._fh = retried(opener)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return bool(self._fh.seekable())
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._fh.seek(offset, whence)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+
+        def attempt() -> bytes:
+            try:
+                return self._fh.read(len(view))
+            except Exception:
+                self._reopen()
+                raise
+
+        data = retried(attempt)
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def _reopen(self) -> None:
+        """Back to ``self._pos`` on a fresh handle, for the next try (best effort)."""
+        try:
+            self._fh.close()
+        except Exception:  # noqa: S110 (a broken connection may fail to close too)
+            pass
+        try:
+            fh = self._opener()
+            try:
+                fh.seek(self._pos)
+            except (OSError, ValueError):  # a stream: skip what was read
+                left = self._pos
+                while left > 0:
+                    chunk = fh.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            self._fh = fh
+        except Exception:  # noqa: S110 (the next try fails on the old handle and says why)
+            pass
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._fh.close()
+            finally:
+                super().close()
+
+
+def open_input(fs: fsspec.AbstractFileSystem, path: str, *, stream: bool = False) -> IO[bytes]:
+    """Open a file to read. Remote files are retried on transient failures (see
+    :data:`REMOTE_TRIES`) and fail with :class:`RemoteReadError` (a ``ConnectionError``, so an
+    environment error); ``stream``: read front to back only (a tar), which over HTTP needs no
+    range requests."""
+    if is_local(fs):
+        return fs.open(path, "rb")  # type: ignore[no-any-return]
+    options: dict[str, Any] = {"block_size": 0} if stream and is_http(fs) else {}
+    return io.BufferedReader(_RetryingReader(lambda: fs.open(path, "rb", **options)), buffer_size=1 << 16)
 
 
 def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -107,7 +297,7 @@ def stamp(info: Mapping[str, Any]) -> str:
         value = info.get(name)
         if value:
             return f"{size}-{str(value).strip(chr(34))}"
-    for name in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+    for name in ("mtime", "LastModified", "Last-Modified", "last_modified", "updated", "modified", "created"):
         value = info.get(name)
         if value is not None:
             return f"{size}-{value}"
@@ -387,7 +577,7 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, path: str, *, confine_to: str | 
     if confine_to is not None and is_local(fs) and os.path.lexists(path) and outside(path, confine_to):
         return Sidecar(error=f"sidecar parquet: {OUTSIDE_SOURCE}")
     try:
-        with fs.open(path, "rb") as fh:
+        with open_input(fs, path) as fh:
             parquet = pq.ParquetFile(fh)
             columns = scalar_columns(parquet.schema_arrow)
             if "key" not in columns:
@@ -448,9 +638,13 @@ class FileFetcher:
             if info.st_size > MAX_FILE_BYTES:
                 return UnreadableFileError(path, too_large(info.st_size))
         try:
-            return bytes(self._fs.cat_file(path))
+            if self._local:
+                return bytes(self._fs.cat_file(path))
+            return bytes(retried(lambda: self._fs.cat_file(path)))
         except OSError as err:
             return err
+        except Exception as err:  # a remote filesystem's own error type (an HTTP 4xx, say)
+            return UnreadableFileError(path, remote_reason(err))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -467,6 +661,8 @@ def read_error(err: OSError) -> str:
     """A short, path-free reason (errors are counted per reason in the report)."""
     if isinstance(err, OutsideSourceError):
         return OUTSIDE_SOURCE
+    if err.strerror is None and isinstance(err, FileNotFoundError):
+        return "unreadable file: not found"  # a remote 404 (fsspec's error carries no strerror)
     return f"unreadable file: {err.strerror or type(err).__name__}"
 
 

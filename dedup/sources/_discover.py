@@ -17,6 +17,7 @@ from dedup._types import Shard, ShardKind, source_prefix
 from dedup.errors import ConfigError, SourceError
 from dedup.sources._embeddings import discover_embedding_file, discover_embeddings, is_embedding_file
 from dedup.sources._common import (
+    open_input,
     ENVIRONMENT_ERRORS,
     IMAGE_EXTENSIONS,
     clean_text,
@@ -26,9 +27,12 @@ from dedup.sources._common import (
     has_url_column,
     image_column,
     is_hidden,
+    is_http,
     is_local,
     is_sidecar_schema,
     outside,
+    remote_reason,
+    retried,
     split_name,
     stamp,
     url_of,
@@ -49,7 +53,9 @@ def discover(sources: Sequence[str], *, folder_batch: int = 1000) -> list[Shard]
     """List the shards of ``sources``, in a stable order: sources as given, then by path.
 
     Each source is a local path, a ``file://`` URL or any fsspec URL (``s3://``, ``gs://``,
-    ``http://`` ...), naming a folder or a single file. A folder may hold several kinds at
+    ``http://`` ...), naming a folder or a single file. Over HTTP a folder is an index page
+    (its links are the folder's entries), and each file's size and ``Last-Modified`` are
+    asked for, so stamps change when files do. A folder may hold several kinds at
     once (say, tars and loose images) and is searched recursively; dot-files and dot-folders
     are skipped. ``shard_id`` is the shard's path relative to its source (``00000.tar``,
     ``00000`` for a files folder, ``part-00000`` for a batch of loose images), prefixed with
@@ -85,12 +91,21 @@ def _discover_source(source: str, prefix: str, folder_batch: int) -> list[Shard]
     try:
         info = fs.info(root)
     except FileNotFoundError as err:
+        reason = remote_reason(err)
+        if reason not in ("not found", "HTTP 404 Not Found", "HTTP 410 Gone"):  # a server that did not answer
+            raise SourceError(f"cannot read source {source!r}: {reason}; hint: check the URL and that the server is up") from err
         raise SourceError(
             f"source {source!r} does not exist; hint: check the path (for a bucket URL, the "
             "bucket name and your credentials)"
         ) from err
     except Exception as err:  # any filesystem's failure (auth, network): one clean message
-        raise SourceError(f"cannot read source {source!r}: {err}; hint: check permissions and credentials") from err
+        raise SourceError(
+            f"cannot read source {source!r}: {remote_reason(err)}; hint: check the URL, permissions and credentials"
+        ) from err
+    if info.get("type") != "directory" and is_http(fs) and str(info.get("mimetype", "")).startswith("text/html"):
+        # HTTP has no folders: a page of links (a server's index of a folder) stands for one.
+        if fs.isdir(root):
+            info = {**info, "type": "directory"}
     if info.get("type") == "directory":
         shards = _discover_folder(fs, source, root, prefix, folder_batch)
     else:
@@ -254,7 +269,30 @@ def _listing(
             escaping[rel] = info
         else:
             files[rel] = info
+    if not is_local(fs):
+        _fill_stamps(fs, source, base, files)
     return files, dirs, escaping
+
+
+def _fill_stamps(fs: fsspec.AbstractFileSystem, source: str, base: str, files: dict[str, Mapping[str, Any]]) -> None:
+    """An HTTP index page lists names only: ask each file for its size and Last-Modified /
+    ETag (one HEAD each, concurrently), so that a shard's stamp changes when its file does."""
+    bare = [rel for rel, info in files.items() if info.get("size") is None]
+    if not bare:
+        return
+
+    def info_of(rel: str) -> Mapping[str, Any]:
+        try:
+            return retried(lambda: fs.info(base + rel))
+        except Exception:
+            # Listed but not answering (a 404 or 500 for this one file): its read will fail
+            # too and say why, as a failed row; the stamp without a size then changes as soon
+            # as the file answers, so a rerun reads it again.
+            return files[rel]
+
+    with ThreadPoolExecutor(min(_SCHEMA_THREADS, len(bare))) as pool:
+        found = list(pool.map(info_of, bare))
+    files.update(zip(bare, found, strict=True))
 
 
 def _is_sidecar_name(rel: str, tar_stems: set[str], dirs: set[str]) -> bool:
@@ -370,7 +408,7 @@ def _parquet_kind(fs: fsspec.AbstractFileSystem, path: str) -> _ParquetKind:
     network) is the environment failing, and stops the run with a clear error.
     """
     try:
-        with fs.open(path, "rb") as fh:
+        with open_input(fs, path) as fh:
             schema = pq.read_schema(fh)
     except ENVIRONMENT_ERRORS as err:
         raise SourceError(

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from dedup._types import Sample, Shard, ShardKind
 from dedup.errors import SourceError
-from dedup.sources._common import ENVIRONMENT_ERRORS, filesystem, one_line, scalar_columns, stamp, url_of
+from dedup.sources._common import ENVIRONMENT_ERRORS, filesystem, open_failure, open_input, one_line, scalar_columns, stamp, url_of
 
 EMB_DIR = "img_emb"
 META_DIR = "metadata"
@@ -119,7 +119,7 @@ def read_header(shard: Shard) -> Header:
     fs, path = filesystem(shard.path)
     try:
         size = int(fs.size(path))
-        with fs.open(path, "rb") as fh:
+        with open_input(fs, path) as fh:
             version = np.lib.format.read_magic(fh)
             if version == (1, 0):
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
@@ -127,9 +127,7 @@ def read_header(shard: Shard) -> Header:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
             offset = fh.tell()
     except ENVIRONMENT_ERRORS as err:
-        raise SourceError(
-            f"cannot open shard {shard.path!r}: {err}; hint: the input changed since discovery? run again to rediscover"
-        ) from err
+        raise open_failure(shard.path, err) from err
     except (ValueError, OSError, EOFError) as err:
         raise DamagedFileError(f"not a readable .npy file: {one_line(str(err))}") from err
     dtype = np.dtype(dtype)
@@ -149,7 +147,7 @@ def vector_blocks(shard: Shard, header: Header, block_rows: int = _BLOCK_ROWS) -
     fs, path = filesystem(shard.path)
     row_bytes = header.dim * header.dtype.itemsize
     try:
-        with fs.open(path, "rb") as fh:
+        with open_input(fs, path) as fh:
             fh.seek(header.offset)
             for start in range(0, header.rows, block_rows):
                 count = min(block_rows, header.rows - start)
@@ -198,7 +196,7 @@ def metadata_table(shard: Shard, rows: int) -> tuple[pa.Table, str | None]:
     if shard.members:
         fs, path = filesystem(shard.members[0])
         try:
-            with fs.open(path, "rb") as fh:
+            with open_input(fs, path) as fh:
                 parquet = pq.ParquetFile(fh)
                 table = parquet.read(columns=scalar_columns(parquet.schema_arrow))
             frame = pl.from_arrow(table)  # type: ignore[assignment]

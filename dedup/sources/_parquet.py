@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup._types import Sample, Shard
-from dedup.errors import SourceError
 from dedup.sources._common import (
+    open_failure,
+    open_input,
     ENVIRONMENT_ERRORS,
     OUTSIDE_SOURCE,
     Fields,
@@ -68,11 +69,9 @@ def _read_rows(shard: Shard, *, with_images: bool) -> Iterator[Sample]:
         yield failed_sample(f"{shard.shard_id}/{OUTSIDE_KEY}", OUTSIDE_KEY, OUTSIDE_SOURCE)
         return
     try:
-        fh = fs.open(path, "rb")
+        fh = open_input(fs, path)
     except ENVIRONMENT_ERRORS as err:
-        raise SourceError(
-            f"cannot open shard {shard.path!r}: {err}; hint: the input changed since discovery? run again to rediscover"
-        ) from err
+        raise open_failure(shard.path, err) from err
     seen: set[str] = set()
     row_index = 0
     with fh:

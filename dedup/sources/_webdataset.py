@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import IO, Any, Self
 
 from dedup._types import Sample, Shard
-from dedup.errors import SourceError
 from dedup.sources._common import (
+    open_failure,
+    open_input,
     ENVIRONMENT_ERRORS,
     MAX_FILE_BYTES,
     OUTSIDE_SOURCE,
@@ -95,11 +96,9 @@ def read_webdataset(shard: Shard) -> Iterator[Sample]:
     times_seen: dict[str, int] = {}
     reported = False  # whether a row already says the tar was cut short
     try:
-        fh = fs.open(path, "rb")
+        fh = open_input(fs, path, stream=True)
     except ENVIRONMENT_ERRORS as err:
-        raise SourceError(
-            f"cannot open shard {shard.path!r}: {err}; hint: the input changed since discovery? run again to rediscover"
-        ) from err
+        raise open_failure(shard.path, err) from err
     with fh:
         for raw_key, members in _tar_groups(fh, damage):
             listed = sidecar.pop(raw_key)
