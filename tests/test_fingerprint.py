@@ -21,7 +21,7 @@ from dedup.config import FingerprintConfig
 from dedup.errors import SampleError
 from dedup.fingerprint import Features, decode, fingerprint, hamming, pdq_dihedral
 
-CFG = FingerprintConfig()
+CFG = FingerprintConfig(phash=True)  # every signal, so each is tested
 
 
 def _encode(img: Image.Image, fmt: str, **params: object) -> bytes:
@@ -436,3 +436,17 @@ def test_grey_decode_is_the_luma_of_the_colour_decode(kind: str) -> None:
     if kind == "jpeg":  # reduced in the DCT as the colour decode is
         small = decode(data, max_pixels=CFG.max_pixels, draft=64, grey=True)
         assert small.mode == "L" and small.size == decode(data, max_pixels=CFG.max_pixels, draft=64).size
+
+
+def test_phash_is_computed_only_when_a_search_uses_it() -> None:
+    from dedup.config import RunConfig, SearchConfig, load_config
+
+    # off in every preset and in the library's default: no time spent on it, the column is null
+    for preset in ("default", "strict", "aggressive", "ci"):
+        assert load_config(preset).features().phash is False
+    assert RunConfig().features().phash is False
+    # a search that uses it turns it on, whatever the preset's [fingerprint] says
+    on = RunConfig(search=SearchConfig(phash_distance=4))
+    assert on.features().phash is True and on.stage_key() != RunConfig().stage_key()
+    assert load_config("default").with_overrides({"search.phash_distance": 0}).features().phash is True
+    assert fingerprint(_encode(natural_image(4), "JPEG"), RunConfig().features())[0].phash is None
