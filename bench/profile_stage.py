@@ -106,7 +106,10 @@ def profile(data: Path, preset: str, *, limit: int | None = None, rounds: int = 
         lumas: list[np.ndarray] = []
         if fcfg.pdq:
             add(f"PDQ input (luma within {fcfg.pdq_side} px)", _best(lambda: lumas.__setitem__(slice(None), [fp._pdq_input(im, fcfg.pdq_side) for im in imgs]), rounds))
-            if fcfg.pdq_dihedral:
+            if hasattr(fp, "_pdq_hashes"):
+                add("PDQ, 8 orientations" if fcfg.pdq_dihedral else "PDQ",
+                    _best(lambda: [fp._pdq_hashes(x, dihedral=fcfg.pdq_dihedral) for x in lumas], rounds))
+            elif fcfg.pdq_dihedral:  # before issue 25
                 import pdqhash
 
                 add("PDQ, 8 orientations", _best(lambda: [[fp._pack_bits(h) for h in pdqhash.compute_dihedral(x)[0]] for x in lumas], rounds))

@@ -114,6 +114,28 @@ def test_pdq_is_pdqhash_in_meta_bit_order() -> None:
     assert f"{int.from_bytes(f.pdq, 'big'):0256b}" == "".join(str(int(b)) for b in bits)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (63, 65), (128, 64), (384, 288), (300, 384)])
+def test_pdq_core_call_is_pdqhash_bit_for_bit(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # pdqhash's C++ called on our float luma (no Python grey conversion, no bit-by-bit unpacking)
+    # gives pdqhash.compute / compute_dihedral's hashes and quality exactly, every grey level
+    # included; so does the fallback through pdqhash's Python API.
+    from dedup import fingerprint as fp
+
+    assert fp._PDQ_CORE is not None, "pdqhash's C++ functions were not found: the slow path runs"
+    rng = np.random.default_rng(sum(size))
+    luma = np.asarray(natural_image(sum(size), size).convert("L")).copy()
+    luma.reshape(-1)[: min(256, luma.size)] = rng.permutation(256)[: min(256, luma.size)]
+    rgb = np.ascontiguousarray(np.repeat(luma[..., None], 3, axis=2))
+    bits, quality = pdqhash.compute(rgb)
+    hashes, quality8 = pdqhash.compute_dihedral(rgb)
+    want1 = np.packbits(bits.astype(np.uint8)).tobytes()
+    want8 = b"".join(np.packbits(h.astype(np.uint8)).tobytes() for h in hashes)
+    for core in (fp._PDQ_CORE, None):
+        monkeypatch.setattr(fp, "_PDQ_CORE", core)
+        assert fp._pdq_hashes(luma, dihedral=False) == (want1, quality)
+        assert fp._pdq_hashes(luma, dihedral=True) == (want8, quality8)
+
+
 def test_pdq_of_a_large_image_is_computed_like_metas_reference_hasher() -> None:
     # Meta's Python reference hashes img.thumbnail((512, 512)); we do the same, without the copy.
     img = natural_image(6, (1300, 700))
