@@ -64,52 +64,53 @@ def _best(fn: Callable[[], object], rounds: int) -> float:
     return best
 
 
-def profile(data: Path, preset: str, *, limit: int | None = None, rounds: int = 3) -> list[tuple[str, float | None, str]]:
-    """``(step, ms per image, note)`` rows; ``None`` for a step the preset has off."""
+def profile(
+    data: Path, preset: str, *, limit: int | None = None, rounds: int = 3, chunk: int = 250
+) -> list[tuple[str, float | None, str]]:
+    """``(step, ms per image, note)`` rows; ``None`` for a step the preset has off.
+
+    The images go through in chunks of ``chunk`` (each step over a chunk, the fastest of
+    ``rounds``, summed over the chunks), so memory stays small."""
     from dedup import fingerprint as fp
     from dedup.config import load_config
     from dedup.embed import build_embedder
 
     cfg = load_config(preset)
-    fcfg = cfg.fingerprint
+    fcfg = cfg.features() if hasattr(cfg, "features") else cfg.fingerprint
     files = _images(data, limit)
     n = len(files)
-    rows: list[tuple[str, float | None, str]] = []
+    total: dict[str, list[Any]] = {}  # name -> [seconds, note, per]
 
     def add(name: str, seconds: float | None, note: str = "", per: int | None = None) -> None:
-        rows.append((name, None if seconds is None else 1000 * seconds / (per or n), note))
+        got = total.setdefault(name, [None, note, 0])
+        if seconds is not None:
+            got[0] = (got[0] or 0.0) + seconds
+            got[2] += per if per is not None else size
 
-    blobs: list[bytes] = []
-    add("read (file bytes)", _best(lambda: blobs.__setitem__(slice(None), [p.read_bytes() for p in files]), rounds))
-    jpegs = [b for b in blobs if b[:3] == b"\xff\xd8\xff"]
-
-    plan = getattr(fp, "plan", None)
     embedder = build_embedder(cfg.embed, threads=1)
     prepare = embedder.preprocess if embedder is not None else None
-    steps = fp.steps(fcfg, prepare=prepare) if hasattr(fp, "steps") else None
-    if steps is not None:  # the code after issue 25 names its own steps
-        state: list[Any] = [None] * n
-        for name, step in steps:
-            def one_pass(step=step) -> None:  # noqa: ANN001
-                for i, data_ in enumerate(blobs):
-                    state[i] = step(data_, state[i])
-            # steps build on each other's output: time each once in order, after a warm-up pass
-            add(name, _best(one_pass, 1))
-        inputs = [s.model_input for s in state if s is not None and s.model_input is not None]
-    else:
+    jpegs: list[bytes] = []
+    for start in range(0, n, chunk):
+        part = files[start : start + chunk]
+        size = len(part)
+        blobs: list[bytes] = []
+        add("read (file bytes)", _best(lambda: blobs.__setitem__(slice(None), [p.read_bytes() for p in part]), rounds))
+        jpegs += [b for b in blobs if b[:3] == b"\xff\xd8\xff"]
         imgs: list[Image.Image] = []
         add("decode (RGB, full size)", _best(lambda: imgs.__setitem__(slice(None), [fp.decode(b, max_pixels=fcfg.max_pixels) for b in blobs]), rounds))
         add("SHA-256 of the bytes", _best(lambda: [hashlib.sha256(b).digest() for b in blobs], rounds))
         add("SHA-256 of the pixels", _best(lambda: [fp._pixel_sha256(np.asarray(im)) for im in imgs], rounds))
-        add("pHash", _best(lambda: [fp._phash(im) for im in imgs], rounds) if fcfg.phash else None,
-            "" if fcfg.phash else "off in the preset")
+        if fcfg.phash:
+            add("pHash", _best(lambda: [fp._phash(im) for im in imgs], rounds))
+        else:
+            add("pHash", None, "off: no search uses it")
         lumas: list[np.ndarray] = []
         if fcfg.pdq:
             add(f"PDQ input (luma within {fcfg.pdq_side} px)", _best(lambda: lumas.__setitem__(slice(None), [fp._pdq_input(im, fcfg.pdq_side) for im in imgs]), rounds))
             if hasattr(fp, "_pdq_hashes"):
                 add("PDQ, 8 orientations" if fcfg.pdq_dihedral else "PDQ",
                     _best(lambda: [fp._pdq_hashes(x, dihedral=fcfg.pdq_dihedral) for x in lumas], rounds))
-            elif fcfg.pdq_dihedral:  # before issue 25
+            elif fcfg.pdq_dihedral:  # the code before issue 25
                 import pdqhash
 
                 add("PDQ, 8 orientations", _best(lambda: [[fp._pack_bits(h) for h in pdqhash.compute_dihedral(x)[0]] for x in lumas], rounds))
@@ -124,29 +125,35 @@ def profile(data: Path, preset: str, *, limit: int | None = None, rounds: int = 
             crops = [im if box is None else im.crop(box) for im, box in zip(imgs, boxes, strict=True)]
         elif prepare is not None:
             add("trim", None, "off in the preset")
-        inputs = []
+        inputs: list[np.ndarray] = []
         if prepare is not None:
             add("model input", _best(lambda: inputs.__setitem__(slice(None), [prepare(im) for im in crops]), rounds))
-        del imgs, crops, lumas
-    if embedder is not None and inputs:
-        _time_model(embedder, inputs, cfg.embed.batch(), rounds, add, n)
-    else:
-        add("model", None, "no model (--model none)")
-    _time_write(cfg, files, rounds, add)
-    _time_step(cfg, data, files, add)
+        if embedder is not None and inputs:
+            _time_model(embedder, inputs, cfg.embed.batch(), rounds, add)
+        else:
+            add("model", None, "no model (--model none)")
+        del imgs, crops, lumas, inputs
+    rows: list[tuple[str, float | None, str]] = [
+        (name, None if sec is None else 1000 * sec / per, note) for name, (sec, note, per) in total.items()
+    ]
+
+    def add_row(name: str, seconds: float | None, note: str = "", per: int | None = None) -> None:
+        rows.append((name, None if seconds is None else 1000 * seconds / (per or n), note))
+
+    _time_write(cfg, files, rounds, add_row)
+    _time_step(cfg, data, files, add_row)
     _decode_line(jpegs, fcfg, cfg, embedder, rounds, rows)
     return rows
 
 
-def _time_model(embedder: Any, inputs: list[np.ndarray], batch: int, rounds: int, add: Callable[..., None], n: int) -> None:
+def _time_model(embedder: Any, inputs: list[np.ndarray], batch: int, rounds: int, add: Callable[..., None]) -> None:
     batches = [np.stack(inputs[i : i + batch]) for i in range(0, len(inputs), batch)]
     with_regions = bool(getattr(embedder, "regions", False))
-    add(f"model ({embedder.name}, batch {batch})", _best(lambda: [embedder.embed(b) for b in batches], rounds),
-        f"{len(inputs)} of {n} images", per=n)
+    glob = _best(lambda: [embedder.embed(b) for b in batches], rounds)
+    add(f"model ({embedder.name}, batch {batch})", glob)
     if with_regions:
         both = _best(lambda: [embedder.embed_regions(b) for b in batches], rounds)
-        glob = _best(lambda: [embedder.embed(b) for b in batches], rounds)
-        add("regions (extra outputs + pooling)", max(0.0, both - glob), "model with regions less model alone", per=n)
+        add("regions (extra outputs + pooling)", max(0.0, both - glob), "model with regions, less the model alone")
     else:
         add("regions", None, "off in the preset")
 
@@ -241,10 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preset", default="default", help="bundled preset whose steps are profiled")
     ap.add_argument("--limit", type=int, default=None, help="profile the first N images only")
     ap.add_argument("--rounds", type=int, default=3, help="passes per step; the fastest is kept")
+    ap.add_argument("--chunk", type=int, default=250, help="images held in memory at once")
     args = ap.parse_args(argv)
     t0 = time.time()
     load = os.getloadavg()[0]
-    rows = profile(args.data, args.preset, limit=args.limit, rounds=args.rounds)
+    rows = profile(args.data, args.preset, limit=args.limit, rounds=args.rounds, chunk=args.chunk)
     n = len(_images(args.data, args.limit))
     header = (f"preset `{args.preset}`, {n} images of {args.data.name}, CPU ms, one thread, fastest of {args.rounds} "
               f"(load {load:.1f} → {os.getloadavg()[0]:.1f}, {time.time() - t0:.0f} s)")

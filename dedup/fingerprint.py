@@ -255,13 +255,15 @@ def trim_box(
         # One pixel in from the edge: the outermost ring may be a seam blurred by the thumbnail.
         inner = arr[1:-1, 1:-1]
         corners = inner[[0, 0, -1, -1], [0, -1, 0, -1]]
-        colour = np.median(corners, axis=0)
-        if np.abs(corners - colour).max() > tolerance:
+        # |x - colour| > tolerance, colour the corners' median per channel, all in int16: the
+        # median of four integers is half the sum of the middle two, so doubling both sides
+        # keeps it exact (and a third of the time of the float max over the channel axis;
+        # np.median itself cost 0.1 ms an image)
+        middle = np.sort(corners, axis=0)
+        twice = middle[1] + middle[2]
+        if np.abs(2 * corners - twice).max() > 2 * tolerance:
             break
-        # |inner - colour| > tolerance in any channel, in int16: the median of four integers is a
-        # whole or a half number, so doubling both sides keeps it exact (and a third of the time
-        # of the float max over the channel axis)
-        far = np.abs(2 * inner - np.rint(2 * colour).astype(np.int16)) > 2 * tolerance
+        far = np.abs(2 * inner - twice) > 2 * tolerance
         content = far[..., 0] | far[..., 1] | far[..., 2]
         rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
         if rows.size == 0 or (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) > 0.97 * h * w:
