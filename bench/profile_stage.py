@@ -132,7 +132,6 @@ def profile(
             _time_model(embedder, inputs, cfg.embed.batch(), rounds, add)
         else:
             add("model", None, "no model (--model none)")
-        del imgs, crops, lumas, inputs
     rows: list[tuple[str, float | None, str]] = [
         (name, None if sec is None else 1000 * sec / per, note) for name, (sec, note, per) in total.items()
     ]
