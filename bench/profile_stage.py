@@ -65,7 +65,7 @@ def _best(fn: Callable[[], object], rounds: int) -> float:
 
 
 def profile(
-    data: Path, preset: str, *, limit: int | None = None, rounds: int = 3, chunk: int = 250
+    data: Path, preset: str, *, model: str | None = None, limit: int | None = None, rounds: int = 3, chunk: int = 250
 ) -> list[tuple[str, float | None, str]]:
     """``(step, ms per image, note)`` rows; ``None`` for a step the preset has off.
 
@@ -76,6 +76,8 @@ def profile(
     from dedup.embed import build_embedder
 
     cfg = load_config(preset)
+    if model is not None:
+        cfg = cfg.with_overrides({"embed.model": model})
     fcfg = cfg.features() if hasattr(cfg, "features") else cfg.fingerprint
     files = _images(data, limit)
     n = len(files)
@@ -222,6 +224,7 @@ def _decode_line(jpegs: list[bytes], fcfg: Any, cfg: Any, embedder: Any, rounds:
     add("bare Pillow decode, full size", _best(lambda: pil(None), rounds))
     add(f"bare Pillow `draft` to >= {side} px, RGB", _best(lambda: pil(side), rounds))
     add(f"bare Pillow `draft` to >= {side} px, luma", _best(lambda: pil(side, "L"), rounds))
+    add("bare Pillow `draft` to >= 64 px, luma (PDQ's own 64 x 64)", _best(lambda: pil(64, "L"), rounds))
     try:
         import simplejpeg
     except ImportError:
@@ -245,15 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--preset", default="default", help="bundled preset whose steps are profiled")
+    ap.add_argument("--model", default=None, help="the preset with this embed.model (none: the hash path)")
     ap.add_argument("--limit", type=int, default=None, help="profile the first N images only")
     ap.add_argument("--rounds", type=int, default=3, help="passes per step; the fastest is kept")
     ap.add_argument("--chunk", type=int, default=250, help="images held in memory at once")
     args = ap.parse_args(argv)
     t0 = time.time()
     load = os.getloadavg()[0]
-    rows = profile(args.data, args.preset, limit=args.limit, rounds=args.rounds, chunk=args.chunk)
+    rows = profile(args.data, args.preset, model=args.model, limit=args.limit, rounds=args.rounds, chunk=args.chunk)
     n = len(_images(args.data, args.limit))
-    header = (f"preset `{args.preset}`, {n} images of {args.data.name}, CPU ms, one thread, fastest of {args.rounds} "
+    header = (f"preset `{args.preset}`{f' --model {args.model}' if args.model else ''}, {n} images of {args.data.name}, CPU ms, one thread, fastest of {args.rounds} "
               f"(load {load:.1f} → {os.getloadavg()[0]:.1f}, {time.time() - t0:.0f} s)")
     print(table(rows, header))
     return 0
