@@ -469,8 +469,8 @@ def _pdq_hashes(luma: np.ndarray, *, dihedral: bool) -> tuple[bytes, int]:
     pdqhash's own C++ is called on the float luma (:data:`_PDQ_CORE`), as
     ``pdqhash.compute_dihedral`` does, without its Python around it: that converts the image to
     grey in float64 (our luma, three equal channels, comes back exactly: x * (0.299 + 0.587 +
-    0.114) rounds to x in float32) and unpacks each hash bit by bit in a Python loop, 0.7 of its
-    1.5 ms an image on the bench. The 8 orientations come from one DCT there: the C++ flips the
+    0.114) rounds to x in float32) and unpacks each hash bit by bit in a Python loop, 0.5 of its
+    1.6 ms an image on the bench. The 8 orientations come from one DCT there: the C++ flips the
     signs and transposes the 16 x 16 coefficients (``dct16OriginalToRotate90`` ...). Where the
     functions cannot be found (another build of pdqhash), pdqhash's Python API gives the same
     hashes (tests/test_fingerprint.py compares the two).
@@ -483,7 +483,8 @@ def _pdq_hashes(luma: np.ndarray, *, dihedral: bool) -> tuple[bytes, int]:
         bits, quality = pdqhash.compute(rgb)
         return _pack_bits(bits), int(quality)
     single, eight = _PDQ_CORE
-    grey = luma.astype(np.float32)  # the C++ filters this buffer in place
+    # C order, as the C++ reads it; it filters this buffer in place
+    grey = np.array(luma, dtype=np.float32, order="C", ndmin=2)
     scratch = np.zeros_like(grey)
     b64x64, b16x64 = np.empty((64, 64), np.float32), np.empty((16, 64), np.float32)
     b16x16, aux = np.empty((16, 16), np.float32), np.empty((16, 16), np.float32)
