@@ -51,12 +51,16 @@ bench-quality: install
 	$(BIN)/python bench/quality_data.py --out bench/data/quality
 	$(BIN)/python bench/quality.py --data bench/data/quality
 
-# The throughput target (default no slower than Immaculate sscd_distilled): three rounds, the
-# order alternating, so the ratio is read round by round on this noisy shared VM (~4 min).
+# The throughput targets (docs/speed.md): the default against Immaculate sscd_distilled and the
+# hash path (--model none) against Immaculate pdq, three rounds each, the order alternating, so
+# the ratios are read round by round on this noisy shared VM (~6 min); then the per-image profile.
 bench-speed: install
 	$(BIN)/python bench/quality_data.py --out bench/data/quality
 	$(BIN)/python bench/quality.py --data bench/data/quality --method dedup:default \
 		--method immaculate:sscd_distilled --repeat 3 --out bench/out/speed
+	$(BIN)/python bench/quality.py --data bench/data/quality --method "dedup:none=--model none" \
+		--method immaculate:pdq --repeat 3 --out bench/out/speed-hash
+	$(BIN)/python bench/profile_stage.py --data bench/data/quality
 
 clean:
 	rm -rf $(VENV) .venv-torch demo-out build *.egg-info

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from dedup._io import atomic_path
 from dedup._types import Sample, Shard, ShardKind
-from dedup.config import RunConfig
+from dedup.config import FingerprintConfig, RunConfig
 from dedup.embed import Embedder, build_embedder
 from dedup.errors import error_kind
 from dedup.executors.base import shard_file_name
@@ -117,8 +117,9 @@ class FeatureStep:
                     vectors.append(embedder.embed(np.stack(pending)))
                 pending.clear()
 
+        fcfg = self.config.features()
         for sample in read_shard(shard):
-            feats, model_input = _features(sample, shard, self.config, embedder)
+            feats, model_input = _features(sample, shard, fcfg, embedder)
             embedded = model_input is not None
             if embedded:
                 pending.append(model_input)
@@ -163,7 +164,7 @@ class FeatureStep:
 
 
 def _features(
-    sample: Sample, shard: Shard, cfg: RunConfig, embedder: Embedder | None
+    sample: Sample, shard: Shard, cfg: FingerprintConfig, embedder: Embedder | None
 ) -> tuple[Features, np.ndarray | None]:
     if sample.status != "ok":
         return Features(status="failed", error=sample.error or "failed upstream"), None
@@ -171,7 +172,7 @@ def _features(
         # Metadata-only: nothing to decode; URL and caption signals serve these rows.
         return Features(status="ok", error=None, width=sample.width, height=sample.height), None
     prepare = embedder.preprocess if embedder is not None else None
-    return fingerprint(sample.data, cfg.fingerprint, prepare=prepare)
+    return fingerprint(sample.data, cfg, prepare=prepare)
 
 
 def _row(sample: Sample, shard: Shard, feats: Features, embedded: bool) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dedup.config import FingerprintConfig
 from dedup.errors import SampleError
 from dedup.fingerprint import Features, decode, fingerprint, hamming, pdq_dihedral
 
-CFG = plain_fingerprint()
+CFG = plain_fingerprint(phash=True)  # every signal, so each is tested
 
 
 def _encode(img: Image.Image, fmt: str, **params: object) -> bytes:
@@ -113,6 +113,28 @@ def test_pdq_is_pdqhash_in_meta_bit_order() -> None:
     assert len(f.pdq) == 32 and f.pdq_quality == quality
     # Meta's hex form prints the most significant bit first: bit 0 of the vector is the top bit.
     assert f"{int.from_bytes(f.pdq, 'big'):0256b}" == "".join(str(int(b)) for b in bits)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (63, 65), (128, 64), (384, 288), (300, 384)])
+def test_pdq_core_call_is_pdqhash_bit_for_bit(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # pdqhash's C++ called on our float luma (no Python grey conversion, no bit-by-bit unpacking)
+    # gives pdqhash.compute / compute_dihedral's hashes and quality exactly, every grey level
+    # included; so does the fallback through pdqhash's Python API.
+    from dedup import fingerprint as fp
+
+    assert fp._PDQ_CORE is not None, "pdqhash's C++ functions were not found: the slow path runs"
+    rng = np.random.default_rng(sum(size))
+    luma = np.asarray(natural_image(sum(size), size).convert("L")).copy()
+    luma.reshape(-1)[: min(256, luma.size)] = rng.permutation(256)[: min(256, luma.size)]
+    rgb = np.ascontiguousarray(np.repeat(luma[..., None], 3, axis=2))
+    bits, quality = pdqhash.compute(rgb)
+    hashes, quality8 = pdqhash.compute_dihedral(rgb)
+    want1 = np.packbits(bits.astype(np.uint8)).tobytes()
+    want8 = b"".join(np.packbits(h.astype(np.uint8)).tobytes() for h in hashes)
+    for core in (fp._PDQ_CORE, None):
+        monkeypatch.setattr(fp, "_PDQ_CORE", core)
+        assert fp._pdq_hashes(luma, dihedral=False) == (want1, quality)
+        assert fp._pdq_hashes(luma, dihedral=True) == (want8, quality8)
 
 
 def test_pdq_of_a_large_image_is_computed_like_metas_reference_hasher() -> None:
@@ -437,3 +459,17 @@ def test_grey_decode_is_the_luma_of_the_colour_decode(kind: str) -> None:
     if kind == "jpeg":  # reduced in the DCT as the colour decode is
         small = decode(data, max_pixels=CFG.max_pixels, draft=64, grey=True)
         assert small.mode == "L" and small.size == decode(data, max_pixels=CFG.max_pixels, draft=64).size
+
+
+def test_phash_is_computed_only_when_a_search_uses_it() -> None:
+    from dedup.config import RunConfig, SearchConfig, load_config
+
+    # off in every preset and in the library's default: no time spent on it, the column is null
+    for preset in ("default", "strict", "aggressive", "ci"):
+        assert load_config(preset).features().phash is False
+    assert RunConfig().features().phash is False
+    # a search that uses it turns it on, whatever the preset's [fingerprint] says
+    on = RunConfig(search=SearchConfig(phash_distance=4))
+    assert on.features().phash is True and on.stage_key() != RunConfig().stage_key()
+    assert load_config("default").with_overrides({"search.phash_distance": 0}).features().phash is True
+    assert fingerprint(_encode(natural_image(4), "JPEG"), RunConfig().features())[0].phash is None
