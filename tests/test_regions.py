@@ -313,9 +313,9 @@ def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path, monkeypatch: pytes
 
     # One pair a block: once a-crop and a-rotated are confirmed, crop-rotated is not checked,
     # and the clusters come out the same.
-    import dedup.second_look.look
+    import dedup.second_look.tasks
 
-    monkeypatch.setattr(dedup.second_look.look, "_CHECK_BLOCK", 1)
+    monkeypatch.setattr(dedup.second_look.tasks, "CHECK_BLOCK", 1)
     again = run([str(src)], tmp_path / "again", config=cfg)
     assert again.report["shards"]["second_look"]["checked"] < 10
     assert again.report["shards"]["second_look"]["confirmed"] == 2
@@ -329,7 +329,7 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
     the links come out as they do with one chunk for all."""
     import sys
 
-    import dedup.second_look.look
+    import dedup.second_look.tasks
     import dedup.sources.readback
 
     src = tmp_path / "images"
@@ -351,14 +351,15 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
 
     def counting(shard, ids):  # type: ignore[no-untyped-def]
         frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_name != "verify":
+        while frame is not None and frame.f_code.co_name != "arrivals":  # the read task's
+
             frame = frame.f_back
         if frame is not None:  # a read of the second look, not of the report's thumbnails
             reads.append(shard.shard_id)
         return real(shard, ids)
 
     monkeypatch.setattr(dedup.sources.readback, "read_samples", counting)
-    monkeypatch.setattr(dedup.second_look.look, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(dedup.second_look.tasks, "CHUNK_ROWS", 2)
     chunked = run([str(src)], tmp_path / "chunked", config=cfg)
     assert len(reads) >= 3  # the candidates span several shards of three images, chunks of two
     assert len(reads) == len(set(reads))
@@ -394,8 +395,8 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
     """The fingerprint stage keeps the box each model input was cut to (a ``.trim.npy`` beside the
     shard's embeddings); the second look crops its re-read images to it instead of measuring the
     margins again, and measures them only for features made before boxes were kept."""
-    import dedup.second_look.look
-    from dedup.second_look.look import _crop_to
+    import dedup.second_look.tasks
+    from dedup.second_look.tasks import crop_to as _crop_to
 
     src = tmp_path / "images"
     src.mkdir()
@@ -408,13 +409,13 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
          "search.exact": False, "search.verify_from": 0.0, "search.verify_by": "geometry"}
     )
     measured: list[tuple[int, int]] = []
-    real_trim = dedup.second_look.look.trim_borders
+    real_trim = dedup.second_look.tasks.trim_borders
 
     def counting_trim(img: Image.Image, **kw: object) -> Image.Image:
         measured.append(img.size)
         return real_trim(img)
 
-    monkeypatch.setattr(dedup.second_look.look, "trim_borders", counting_trim)
+    monkeypatch.setattr(dedup.second_look.tasks, "trim_borders", counting_trim)
     first = run([str(src)], tmp_path / "out", config=cfg)
     trims = sorted((tmp_path / "out").glob(".work/*/shards/*.trim.npy"))
     assert len(trims) == 1
