@@ -435,3 +435,77 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
     img = Image.new("RGB", (200, 100))
     assert _crop_to(img, np.array([0.25, 0.5, 0.75, 1.0], np.float32)).size == (100, 50)
     assert _crop_to(img, np.array([0, 0, 1, 1], np.float32)) is img
+
+
+def _second_look_folder(src: Path) -> None:
+    """Three pictures with their copies and mock-ups, and two look-alikes of one family."""
+    src.mkdir()
+    for s in range(3):
+        picture = _picture(800 + s)
+        picture.save(src / f"p{s}.jpg", quality=95)
+        for name, copy in _copies(picture).items():
+            copy.save(src / f"p{s}-{name}.jpg", quality=85)
+        _scene(picture, 820 + s).save(src / f"p{s}-mockup.jpg", quality=88)
+    one, two = _lookalike(830, 831)
+    one.save(src / "family1.jpg", quality=95)
+    two.save(src / "family2.jpg", quality=95)
+
+
+def _links(out: Path) -> dict[str, tuple[object, ...]]:
+    return {
+        r["sample_id"]: (r["cluster_id"], r["duplicate_of"], r["signal"], r["keep"], round(r["similarity"] or 0.0, 4))
+        for r in pq.read_table(out / "manifest.parquet").to_pylist()
+    }
+
+
+@pytest.mark.slow
+def test_second_look_above_partition_above_and_resumed_after_a_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above search.partition_above (lowered here) the second look proposes from the
+    partitioned search and the region files a shard at a time, and confirms the same links as
+    below it. Killed in the middle of its check tasks, a rerun keeps the finished tasks (no
+    image is read again) and writes the bytes an uninterrupted run writes."""
+    import dedup.second_look.tasks
+    from dedup.config import load_config
+
+    src = tmp_path / "images"
+    _second_look_folder(src)
+    cfg = load_config("default").with_overrides({"workers": 1, "folder_batch": 4})  # pairs across shards
+    below = run([str(src)], tmp_path / "below", config=cfg)
+    small = cfg.with_overrides({"search.partition_above": 4})
+    above = run([str(src)], tmp_path / "above", config=small)
+    assert below.report["shards"]["second_look"]["confirmed"] >= 6  # copies and mock-ups, across shards
+    assert above.report["shards"]["second_look"]["confirmed"] == below.report["shards"]["second_look"]["confirmed"]
+    assert _links(tmp_path / "above") == _links(tmp_path / "below")
+    candidates = sorted((tmp_path / "above").glob(".work/*/second_look/candidates/*.npy"))
+    assert len(candidates) >= 2  # spilled by shard
+
+    real_check, real_read = dedup.second_look.tasks.CheckStep.__call__, dedup.second_look.tasks.ReadStep.__call__
+    checks: list[str] = []
+    reads: list[str] = []
+
+    def killed(self, shard, progress=None):  # type: ignore[no-untyped-def]
+        if checks:
+            raise KeyboardInterrupt  # the process dies in its second check task
+        checks.append(shard.shard_id)
+        return real_check(self, shard, progress)
+
+    monkeypatch.setattr(dedup.second_look.tasks.CheckStep, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run([str(src)], tmp_path / "killed", config=small)
+    assert not (tmp_path / "killed" / "manifest.parquet").exists()
+
+    def counting_read(self, shard, progress=None):  # type: ignore[no-untyped-def]
+        reads.append(shard.shard_id)
+        return real_read(self, shard, progress)
+
+    def counting_check(self, shard, progress=None):  # type: ignore[no-untyped-def]
+        checks.append(shard.shard_id)
+        return real_check(self, shard, progress)
+
+    monkeypatch.setattr(dedup.second_look.tasks.ReadStep, "__call__", counting_read)
+    monkeypatch.setattr(dedup.second_look.tasks.CheckStep, "__call__", counting_check)
+    run([str(src)], tmp_path / "killed", config=small)
+    assert reads == []  # every read task had finished before the kill
+    assert len(checks) == len(candidates)  # the first check task, then all but it once more
+    assert len(set(checks)) == len(checks)
+    assert (tmp_path / "killed" / "manifest.parquet").read_bytes() == (tmp_path / "above" / "manifest.parquet").read_bytes()

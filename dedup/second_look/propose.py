@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from dedup.partition import VectorFiles
-from dedup.search import Candidates, best_per_pair
+from dedup.search import Candidates, Edges, best_per_pair
 
 __all__ = [
     "RegionFiles",
@@ -138,7 +138,8 @@ def band_candidates(
         found, _ = partitioned(vectors, threshold=low, rows=embedded_rows, progress=progress)
         has = np.zeros(int(embedded_rows.max()) + 1 if embedded_rows.size else 0, bool)
         has[rows] = True
-        found = found.take(has[found.i] & has[found.j]) if len(found) else found
+        keep = has[found.i] & has[found.j]
+        found = Edges(found.i[keep], found.j[keep], found.score[keep], found.signal[keep])
     else:
         vecs = np.asarray(vectors, np.float32)[use]
         found, _ = embedding_edges(vecs, threshold=low, rows=rows, block_size=block_size, progress=progress)
