@@ -280,7 +280,7 @@ def finish(
         )  # fmt: skip
         edges = Edges.concat([edges, confirmed])
         shard_stats = {**shard_stats, "second_look": second}
-        timer.done("second look")
+        timer.done("second look: verify")
     # Precomputed embeddings (clip-retrieval: usually CLIP) are not the configured model's.
     embedding_label = PRECOMPUTED if shard_stats.get("precomputed") else cfg.embed.model.value
     with progress("cluster + select", 1, "step") as bar:

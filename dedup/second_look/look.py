@@ -413,17 +413,25 @@ def _verify_by_shard(
     del table, home
     runner = executor or LocalExecutor(workers=cfg.workers)
     reader = ReadStep(config=cfg, root=root)
+    checker = CheckStep(config=cfg, root=root, names=names)
+    read_markers = Markers(root / "done-read", outputs=reader.paths)
+    check_markers = Markers(root / "done-check", outputs=checker.paths)
+    # Once every check task is done the features are deleted (they are ~120 KB an image): a
+    # rerun then needs no read task either, and takes their stats from the markers' record.
+    checks_done = all(check_markers.read(s) is not None for s in check_shards)
+    if checks_done:
+        read_markers = Markers(root / "done-read")
     with progress("second look: read", int(ends.size), "img") as bar:
-        done = runner.run(reader, read_shards, markers=Markers(root / "done-read", outputs=reader.paths), on_progress=bar.update)
+        done = runner.run(reader, read_shards, markers=read_markers, on_progress=bar.update)
     stats["unreadable"] += sum(int(done[s.shard_id].get("unreadable", 0)) for s in read_shards)
     stats["looked"] = int(ends.size)
     if on_phase is not None:
         on_phase("second look: read")
-    checker = CheckStep(config=cfg, root=root, names=names)
     with progress("second look: verify", int(len(cands)), "pair") as bar:
-        done = runner.run(checker, check_shards, markers=Markers(root / "done-check", outputs=checker.paths), on_progress=bar.update)
+        done = runner.run(checker, check_shards, markers=check_markers, on_progress=bar.update)
     for s in check_shards:
         stats["checked"] += int(done[s.shard_id].get("checked", 0))
+    shutil.rmtree(root / "features", ignore_errors=True)
     found = read_edges(root, check_shards)
     edges = Edges(found["i"], found["j"], found["score"].astype(np.float32), found["signal"].astype(np.int8))
     stats["confirmed"] = len(edges)
