@@ -14,12 +14,12 @@ across the shards (``folder_batch`` 1000).
 Prints: per phase (``DEDUP_PHASES=1``, :class:`dedup.pipeline.PhaseLog`) wall time, images per
 second and peak RSS; the second look's pairs (proposed, checked, confirmed) and images re-read;
 the run's peak RSS (the largest phase peak); and the planted images' pairwise precision and
-recall (``bench/quality.py``'s :func:`score`) against the same images run alone (the quality
-set: ~4,000 images). A planted image clustered with a distractor counts against precision.
+recall (``bench/quality.py``'s :func:`score`) against the same images among fewer distractors
+(``--reference-n``, 5,000 images: the quality set's ~4,000 and ~1,000 distractors). A planted image clustered with a distractor counts against precision.
 ``--executor ray`` runs the same data on a local Ray and compares the manifest's bytes with the
 local run's.
 
-    python bench/scale_images.py --n 20000                      # local, plus the planted-alone reference
+    python bench/scale_images.py --n 20000                      # local, and the same copies at 5,000
     python bench/scale_images.py --n 20000 --executor ray       # then Ray: same manifest?
     python bench/scale_images.py --n 200000 --json bench/out/scale_images.json
 """
@@ -105,19 +105,18 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def build(n: int, quality: Path, data: Path, *, workers: int) -> tuple[Path, Path, pl.DataFrame]:
-    """``data/mixed`` (the planted images and distractors up to ``n``) and ``data/planted`` (the
-    planted images alone), cached; and the quality labels."""
+def build(n: int, quality: Path, data: Path, *, workers: int) -> tuple[Path, pl.DataFrame]:
+    """``data/mixed-<n>`` (the planted images and distractors up to ``n``; the first distractors
+    of a larger set are those of a smaller one), cached; and the quality labels."""
     if not (quality / "labels.parquet").is_file():
         from quality_data import build as build_quality
 
         print(f"building the quality bench into {quality} (bench/quality_data.py) ...", file=sys.stderr, flush=True)
         build_quality(quality)
     labels = pl.read_parquet(quality / "labels.parquet")
-    planted = data / "planted"
     mixed = data / f"mixed-{n}"
     stamp = {"version": DATA_VERSION, "n": n, "labels": hashlib.sha256((quality / "labels.parquet").read_bytes()).hexdigest()}
-    for folder in (planted, mixed):
+    for folder in (mixed,):
         meta = folder.with_name(folder.name + ".json")
         if meta.is_file() and json.loads(meta.read_text()) == stamp:
             continue
@@ -125,14 +124,13 @@ def build(n: int, quality: Path, data: Path, *, workers: int) -> tuple[Path, Pat
         folder.mkdir(parents=True)
         for f in labels["file"].to_list():
             _link(quality / "images" / f, folder / f)
-        if folder is mixed:
-            extra = max(0, n - labels.height)
-            t0 = time.perf_counter()
-            with Pool(workers) as pool:
-                pool.map(_write_distractor, [(folder, s) for s in range(extra)], chunksize=256)
-            print(f"rendered {extra} distractors in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        extra = max(0, n - labels.height)
+        t0 = time.perf_counter()
+        with Pool(workers) as pool:
+            pool.map(_write_distractor, [(folder, s) for s in range(extra)], chunksize=256)
+        print(f"rendered {extra} distractors in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         meta.write_text(json.dumps(stamp))
-    return mixed, planted, labels
+    return mixed, labels
 
 
 def run_cli(src: Path, out: Path, extra: list[str]) -> dict[str, Any]:
@@ -214,27 +212,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=REPO / "bench" / "data" / "scale_images")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scale_images")
     ap.add_argument("--executor", choices=["local", "ray"], default="local")
-    ap.add_argument("--no-reference", action="store_true", help="skip the planted-alone run")
+    ap.add_argument("--reference-n", type=int, default=5_000, help="the same planted images among fewer distractors (0: no reference run)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    mixed, planted, labels = build(args.n, args.quality, args.data, workers=os.cpu_count() or 1)
+    mixed, labels = build(args.n, args.quality, args.data, workers=os.cpu_count() or 1)
     n_mixed = sum(1 for _ in mixed.iterdir())
     results: dict[str, Any] = {"n": n_mixed, "planted": labels.height, "executor": args.executor}
     load = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} cores, load {load:.1f} at the start; distractors: rendered (see the docstring)")
-    if not args.no_reference:
-        ref_out = args.out / "planted"
-        results["reference"] = summarise("planted alone", labels.height, run_cli(planted, ref_out, []), ref_out)
-        results["reference"]["quality"] = evaluate(ref_out, labels)
+    if args.reference_n and args.reference_n != args.n:
+        ref, _ = build(args.reference_n, args.quality, args.data, workers=os.cpu_count() or 1)
+        ref_out = args.out / f"local-{args.reference_n}"
+        if (ref_out / "manifest.parquet").is_file() and (ref_out / "bench.json").is_file():  # measured before: reused
+            results["reference"] = json.loads((ref_out / "bench.json").read_text())
+            print(f"reference: {ref_out} (measured before)")
+        else:
+            n_ref = sum(1 for _ in ref.iterdir())
+            results["reference"] = summarise("reference", n_ref, run_cli(ref, ref_out, []), ref_out)
+            results["reference"]["quality"] = evaluate(ref_out, labels)
+            (ref_out / "bench.json").write_text(json.dumps(results["reference"], default=str))
     out = args.out / f"{args.executor}-{args.n}"
     extra = ["--executor", "ray"] if args.executor == "ray" else []
     results["run"] = summarise(f"mixed ({args.executor})", n_mixed, run_cli(mixed, out, extra), out)
     results["run"]["quality"] = evaluate(out, labels)
+    (out / "bench.json").write_text(json.dumps(results["run"], default=str))
     print("\n| planted copies | P | R | partial R | planted-distractor pairs |\n| --- | ---: | ---: | ---: | ---: |")
     for name in ("reference", "run"):
         if name in results:
             q = results[name]["quality"]
-            label = f"alone ({labels.height:,})" if name == "reference" else f"among {n_mixed:,}"
+            label = f"among {results[name]['images']:,}"
             print(f"| {label} | {q['precision']:.4f} | {q['recall']:.4f} | {q['partial_recall'] or 0:.4f} | {q['planted_distractor_pairs']} |")
     if args.executor == "ray":
         local = args.out / f"local-{args.n}" / "manifest.parquet"
