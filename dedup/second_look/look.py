@@ -64,7 +64,7 @@ from dedup.rows import FeatureRows, as_rows
 from dedup.partition import VectorFiles, auto_settings, partitioned_edges
 from dedup.search import Candidates, Edges, Signal, best_per_pair
 from dedup.second_look.geometry import LOCAL_SIDE, LocalFeatures, confirms, local_features, one_thread_each
-from dedup.second_look.propose import RegionFiles, band_candidates, fresh, partial_candidates, top_per_image
+from dedup.second_look.propose import RegionFiles, band_candidates, fresh, ivf_lists, partial_candidates, top_per_image
 from dedup.second_look.tasks import CANDIDATE_DTYPE, CheckStep, ReadStep, crop_to, read_edges
 from dedup.sources.readback import stream_images
 
@@ -315,7 +315,8 @@ def second_look(
                 parts.append(
                     partial_candidates(
                         vectors, regions, embedded_rows, use, propose=search.partial_propose, top_k=search.partial_top_k,
-                        margin=search.partial_margin, per_image=search.partial_per_image, progress=bar.update,
+                        margin=search.partial_margin, per_image=search.partial_per_image,
+                        lists=ivf_lists(int(rows.size)) if large else 0, progress=bar.update,
                     )  # fmt: skip
                 )
         cands = Candidates.concat(parts)
