@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scale_images")
     ap.add_argument("--executor", choices=["local", "ray"], default="local")
     ap.add_argument("--reference-n", type=int, default=5_000, help="the same planted images among fewer distractors (0: no reference run)")
+    ap.add_argument("--partition-above", type=int, default=None,
+                    help="the default preset with search.partition_above lowered: the at-scale paths (partitioned band, "
+                    "inverted-file partial proposals) on fewer images")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     mixed, labels = build(args.n, args.quality, args.data, workers=os.cpu_count() or 1)
@@ -236,8 +239,15 @@ def main(argv: list[str] | None = None) -> int:
             results["reference"] = summarise("reference", n_ref, run_cli(ref, ref_out, []), ref_out)
             results["reference"]["quality"] = evaluate(ref_out, labels)
             (ref_out / "bench.json").write_text(json.dumps(results["reference"], default=str))
-    out = args.out / f"{args.executor}-{args.n}"
+    out = args.out / f"{args.executor}-{args.n}" if args.partition_above is None else args.out / f"{args.executor}-{args.n}-p{args.partition_above}"
     extra = ["--executor", "ray"] if args.executor == "ray" else []
+    if args.partition_above is not None:
+        preset = (REPO / "configs" / "default.toml").read_text()
+        config = args.out / f"default-partition-above-{args.partition_above}.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(preset.replace("[search]\n", f"[search]\npartition_above = {args.partition_above}\n", 1))
+        extra += ["--config", str(config)]
+        results["partition_above"] = args.partition_above
     results["run"] = summarise(f"mixed ({args.executor})", n_mixed, run_cli(mixed, out, extra), out)
     results["run"]["quality"] = evaluate(out, labels)
     (out / "bench.json").write_text(json.dumps(results["run"], default=str))
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             label = f"among {results[name]['images']:,}"
             print(f"| {label} | {q['precision']:.4f} | {q['recall']:.4f} | {q['partial_recall'] or 0:.4f} | {q['planted_distractor_pairs']} |")
     if args.executor == "ray":
-        local = args.out / f"local-{args.n}" / "manifest.parquet"
+        local = out.parent / out.name.replace("ray-", "local-", 1) / "manifest.parquet"
         if local.is_file():
             same = local.read_bytes() == (out / "manifest.parquet").read_bytes()
             results["same_manifest_as_local"] = same
