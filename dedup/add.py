@@ -205,6 +205,7 @@ def add(
                 shards=[e.shard for e in catalog.shards],
                 catalog=catalog,
                 features_dir=work_dir / pipeline.FEATURES,
+                executor=executor,
             )
         finally:
             if pinned is not None:

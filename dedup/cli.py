@@ -71,16 +71,6 @@ def _summary(result: Any) -> None:
         f"(largest {s['largest_cluster']}) · {s['dropped']} removable ({s['share_removable']:.1%}) · "
         f"mean duplicate count {d['mean']:.2f}"
     )
-    skipped = result.report.get("shards", {}).get("second_look", {}).get("skipped_above")
-    if skipped:
-        threshold = result.report.get("config", {}).get("search", {}).get("threshold")
-        typer.echo(
-            f"warning: no second look: more than {skipped:,} embeddings (search.partition_above), so pairs "
-            f"below the threshold {threshold} were not checked and the crops, captions, rotations and partial "
-            f"copies among them are not linked; run parts of at most {skipped:,} images, or lower --threshold "
-            "at some cost in precision",
-            err=True,
-        )
     for name, sec in sorted((result.report.get("contamination") or {}).items()):
         typer.echo(f"contaminates {name}: {sec['dropped']} training samples dropped ({sec['direct']} direct)")
     out = result.out

@@ -40,7 +40,7 @@ from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.store import Catalog, index_dir, index_lock, open_index, write_index
 from dedup.manifest import Manifest, write_keep_list, write_manifest
-from dedup.second_look import load_regions, load_trims, second_look
+from dedup.second_look import RegionFiles, load_trims, second_look
 from dedup.partition import VectorFiles
 from dedup.report import build_report, write_report_pages
 from dedup.rows import FeatureRows, as_rows
@@ -120,6 +120,7 @@ def run(
                 features_dir=work / FEATURES,
                 evals=evals,
                 decisions=[Path(d) for d in decisions],
+                executor=executor,
             )
 
 
@@ -253,6 +254,7 @@ def finish(
     features_dir: Path | None = None,
     evals: Sequence[EvalSet] = (),
     decisions: Sequence[Path] = (),
+    executor: Executor | None = None,
 ) -> RunResult:
     """The global stages over all features: search, cluster, select, and every output.
 
@@ -263,8 +265,10 @@ def finish(
     they are rediscovered from the manifest's ``source`` column. ``catalog`` (sources and
     shards) goes into the index, for ``dedup index add``. ``features_dir`` holds the shards'
     checkpoints (:class:`~dedup.featurize.FeatureStep`'s folder), where the partial-copy search
-    finds their region descriptors. ``OUT/decisions.parquet`` (``dedup review``) and the
-``decisions`` files are honoured (:mod:`dedup.decisions`). Callers hold the index lock.
+    finds their region descriptors; the second look works beside it (``second_look/``, resumed
+    from there) through ``executor`` (default: this machine, ``cfg.workers`` processes).
+    ``OUT/decisions.parquet`` (``dedup review``) and the ``decisions`` files are honoured
+    (:mod:`dedup.decisions`). Callers hold the index lock.
     """
     rows = as_rows(table)
     timer = PhaseLog()
@@ -273,12 +277,16 @@ def finish(
     if shards is not None and (cfg.search.verify_from >= 0 or cfg.search.partial):
         # Uncertain and partial-copy candidates, confirmed on the re-read images (dedup.second_look).
         step = FeatureStep(config=cfg, out_dir=features_dir) if features_dir is not None else None
-        regions = load_regions([step.regions_path(s) for s in shards]) if step and cfg.search.partial else None
+        regions = RegionFiles.of([step.regions_path(s) for s in shards]) if step and cfg.search.partial else None
         trims = load_trims([step.trims_path(s) for s in shards]) if step else None
-        confirmed, second = second_look(rows, vectors, edges, cfg, shards=shards, regions=regions, trims=trims, progress=progress)
+        work = features_dir.parent if features_dir is not None else out_dir / WORK_DIR / "second-look"
+        confirmed, second = second_look(
+            rows, vectors, edges, cfg, shards=shards, regions=regions, trims=trims, work_dir=work,
+            executor=executor, progress=progress, on_phase=timer.done,
+        )  # fmt: skip
         edges = Edges.concat([edges, confirmed])
         shard_stats = {**shard_stats, "second_look": second}
-        timer.done("second look")
+        timer.done("second look: verify")
     # Precomputed embeddings (clip-retrieval: usually CLIP) are not the configured model's.
     embedding_label = PRECOMPUTED if shard_stats.get("precomputed") else cfg.embed.model.value
     with progress("cluster + select", 1, "step") as bar:

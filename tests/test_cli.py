@@ -64,19 +64,20 @@ def test_run_options_override_preset(sample_images_dir: PlantedDataset, tmp_path
     assert "pdq" not in json.loads((out / "report.json").read_text())["links_per_signal"]
 
 
-def test_run_says_when_the_second_look_was_skipped(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
-    """Above search.partition_above embeddings the band below the threshold is not checked:
-    the curator is told, not left to wonder why recall dropped."""
+def test_the_second_look_runs_above_partition_above(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
+    """Above search.partition_above embeddings the second look still runs (partitioned
+    proposals, per-shard tasks; tests/test_regions.py checks its links): nothing to warn of,
+    and the same clusters as below it."""
     root, _ = sample_images_dir
     small = tmp_path / "small.toml"
     small.write_text("[search]\npartition_above = 4\n")  # over the default preset
     result = runner.invoke(app, ["run", str(root), "--out", str(tmp_path / "out"), "--config", str(small), "-q"])
     assert result.exit_code == 0, result.output
-    assert "warning: no second look: more than 4 embeddings (search.partition_above)" in result.output
-    assert "below the threshold 0.9 were not checked" in result.output
-    normal = runner.invoke(app, ["run", str(root), "--out", str(tmp_path / "out2"), *FAST])
+    assert "second look" not in result.output
+    normal = runner.invoke(app, ["run", str(root), "--out", str(tmp_path / "out2"), "-q"])
     assert normal.exit_code == 0, normal.output
-    assert "second look" not in normal.output
+    clusters = [json.loads((tmp_path / out / "report.json").read_text())["summary"]["duplicate_clusters"] for out in ("out", "out2")]
+    assert clusters[0] == clusters[1] > 0
 
 
 def test_config_file_changes_only_its_keys_over_the_preset(tmp_path: Path) -> None:

@@ -74,3 +74,21 @@ def test_ray_shard_error_stops_the_run_with_the_shard_named(tmp_path: Path, loca
 def test_ray_address_needs_the_ray_executor(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["run", str(tmp_path), "--out", str(tmp_path / "o"), "--ray-address", "auto"])
     assert res.exit_code == 2 and "--ray-address needs --executor ray" in res.output
+
+
+def test_ray_runs_the_second_look_tasks_with_the_same_bytes(tmp_path: Path, local_ray: Any) -> None:
+    """The second look's per-shard read and check tasks run on Ray as they run locally: copies
+    and mock-ups confirmed across shards, byte-identical manifests."""
+    from test_regions import _second_look_folder
+
+    from dedup.config import load_config
+
+    src = tmp_path / "images"
+    _second_look_folder(src)
+    cfg = load_config("default").with_overrides({"workers": 1, "folder_batch": 4})
+    local = run([str(src)], tmp_path / "local", config=cfg)
+    ray_run = run([str(src)], tmp_path / "ray", config=cfg, executor=RayExecutor())
+    assert local.report["shards"]["second_look"]["confirmed"] >= 6
+    assert ray_run.report["shards"]["second_look"] == local.report["shards"]["second_look"]
+    for name in ("manifest.parquet", "keep.parquet", "report.json"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name

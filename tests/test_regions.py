@@ -314,9 +314,9 @@ def test_band_pairs_are_confirmed_by_geometry(tmp_path: Path, monkeypatch: pytes
 
     # One pair a block: once a-crop and a-rotated are confirmed, crop-rotated is not checked,
     # and the clusters come out the same.
-    import dedup.second_look.look
+    import dedup.second_look.tasks
 
-    monkeypatch.setattr(dedup.second_look.look, "_CHECK_BLOCK", 1)
+    monkeypatch.setattr(dedup.second_look.tasks, "CHECK_BLOCK", 1)
     again = run([str(src)], tmp_path / "again", config=cfg)
     assert again.report["shards"]["second_look"]["checked"] < 10
     assert again.report["shards"]["second_look"]["confirmed"] == 2
@@ -330,7 +330,7 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
     the links come out as they do with one chunk for all."""
     import sys
 
-    import dedup.second_look.look
+    import dedup.second_look.tasks
     import dedup.sources.readback
 
     src = tmp_path / "images"
@@ -352,14 +352,15 @@ def test_second_look_reads_each_shard_once(tmp_path: Path, monkeypatch: pytest.M
 
     def counting(shard, ids):  # type: ignore[no-untyped-def]
         frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_name != "verify":
+        while frame is not None and frame.f_code.co_name != "arrivals":  # the read task's
+
             frame = frame.f_back
         if frame is not None:  # a read of the second look, not of the report's thumbnails
             reads.append(shard.shard_id)
         return real(shard, ids)
 
     monkeypatch.setattr(dedup.sources.readback, "read_samples", counting)
-    monkeypatch.setattr(dedup.second_look.look, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(dedup.second_look.tasks, "CHUNK_ROWS", 2)
     chunked = run([str(src)], tmp_path / "chunked", config=cfg)
     assert len(reads) >= 3  # the candidates span several shards of three images, chunks of two
     assert len(reads) == len(set(reads))
@@ -395,8 +396,8 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
     """The fingerprint stage keeps the box each model input was cut to (a ``.trim.npy`` beside the
     shard's embeddings); the second look crops its re-read images to it instead of measuring the
     margins again, and measures them only for features made before boxes were kept."""
-    import dedup.second_look.look
-    from dedup.second_look.look import _crop_to
+    import dedup.second_look.tasks
+    from dedup.second_look.tasks import crop_to as _crop_to
 
     src = tmp_path / "images"
     src.mkdir()
@@ -409,13 +410,13 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
          "search.exact": False, "search.verify_from": 0.0, "search.verify_by": "geometry"}
     )
     measured: list[tuple[int, int]] = []
-    real_trim = dedup.second_look.look.trim_borders
+    real_trim = dedup.second_look.tasks.trim_borders
 
     def counting_trim(img: Image.Image, **kw: object) -> Image.Image:
         measured.append(img.size)
         return real_trim(img)
 
-    monkeypatch.setattr(dedup.second_look.look, "trim_borders", counting_trim)
+    monkeypatch.setattr(dedup.second_look.tasks, "trim_borders", counting_trim)
     first = run([str(src)], tmp_path / "out", config=cfg)
     trims = sorted((tmp_path / "out").glob(".work/*/shards/*.trim.npy"))
     assert len(trims) == 1
@@ -435,3 +436,125 @@ def test_second_look_crops_to_the_recorded_trim_box(tmp_path: Path, monkeypatch:
     img = Image.new("RGB", (200, 100))
     assert _crop_to(img, np.array([0.25, 0.5, 0.75, 1.0], np.float32)).size == (100, 50)
     assert _crop_to(img, np.array([0, 0, 1, 1], np.float32)) is img
+
+
+def _second_look_folder(src: Path) -> None:
+    """Three pictures with their copies and mock-ups, and two look-alikes of one family."""
+    src.mkdir()
+    for s in range(3):
+        picture = _picture(800 + s)
+        picture.save(src / f"p{s}.jpg", quality=95)
+        for name, copy in _copies(picture).items():
+            copy.save(src / f"p{s}-{name}.jpg", quality=85)
+        _scene(picture, 820 + s).save(src / f"p{s}-mockup.jpg", quality=88)
+    one, two = _lookalike(830, 831)
+    one.save(src / "family1.jpg", quality=95)
+    two.save(src / "family2.jpg", quality=95)
+
+
+def _links(out: Path) -> dict[str, tuple[object, ...]]:
+    return {
+        r["sample_id"]: (r["cluster_id"], r["duplicate_of"], r["signal"], r["keep"], round(r["similarity"] or 0.0, 4))
+        for r in pq.read_table(out / "manifest.parquet").to_pylist()
+    }
+
+
+@pytest.mark.slow
+def test_second_look_above_partition_above_and_resumed_after_a_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above search.partition_above (lowered here) the second look proposes from the
+    partitioned search and the region files a shard at a time, and confirms the same links as
+    below it. Killed in the middle of its check tasks, a rerun keeps the finished tasks (no
+    image is read again) and writes the bytes an uninterrupted run writes."""
+    import dedup.second_look.tasks
+    from dedup.config import load_config
+
+    src = tmp_path / "images"
+    _second_look_folder(src)
+    cfg = load_config("default").with_overrides({"workers": 1, "folder_batch": 4})  # pairs across shards
+    below = run([str(src)], tmp_path / "below", config=cfg)
+    small = cfg.with_overrides({"search.partition_above": 4})
+    above = run([str(src)], tmp_path / "above", config=small)
+    assert below.report["shards"]["second_look"]["confirmed"] >= 6  # copies and mock-ups, across shards
+    assert above.report["shards"]["second_look"]["confirmed"] == below.report["shards"]["second_look"]["confirmed"]
+    assert _links(tmp_path / "above") == _links(tmp_path / "below")
+    candidates = sorted((tmp_path / "above").glob(".work/*/second_look/candidates/*.npy"))
+    assert len(candidates) >= 2  # spilled by shard
+
+    real_check, real_read = dedup.second_look.tasks.CheckStep.__call__, dedup.second_look.tasks.ReadStep.__call__
+    checks: list[str] = []
+    reads: list[str] = []
+
+    def killed(self, shard, progress=None):  # type: ignore[no-untyped-def]
+        if checks:
+            raise KeyboardInterrupt  # the process dies in its second check task
+        checks.append(shard.shard_id)
+        return real_check(self, shard, progress)
+
+    monkeypatch.setattr(dedup.second_look.tasks.CheckStep, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run([str(src)], tmp_path / "killed", config=small)
+    assert not (tmp_path / "killed" / "manifest.parquet").exists()
+
+    def counting_read(self, shard, progress=None):  # type: ignore[no-untyped-def]
+        reads.append(shard.shard_id)
+        return real_read(self, shard, progress)
+
+    def counting_check(self, shard, progress=None):  # type: ignore[no-untyped-def]
+        checks.append(shard.shard_id)
+        return real_check(self, shard, progress)
+
+    monkeypatch.setattr(dedup.second_look.tasks.ReadStep, "__call__", counting_read)
+    monkeypatch.setattr(dedup.second_look.tasks.CheckStep, "__call__", counting_check)
+    run([str(src)], tmp_path / "killed", config=small)
+    assert reads == []  # every read task had finished before the kill
+    assert len(checks) == len(candidates)  # the first check task, then all but it once more
+    assert len(set(checks)) == len(checks)
+    assert (tmp_path / "killed" / "manifest.parquet").read_bytes() == (tmp_path / "above" / "manifest.parquet").read_bytes()
+
+
+def test_partial_proposals_from_region_files_and_an_inverted_file(tmp_path: Path) -> None:
+    """The partial proposals read the region files a shard at a time; with the whole images in
+    an inverted file (above partition_above) visiting every cell they are the exact ones, and
+    visiting a few they keep nearly all of them (here: 95 %)."""
+    from dedup.partition import VectorFiles
+    from dedup.search import region_candidates
+    from dedup.second_look.propose import RegionFiles, best_proposals, partial_candidates
+
+    rng = np.random.default_rng(5)
+    n, dim, windows = 3000, 64, 3
+    centres = rng.standard_normal((40, dim))
+    vecs = centres[rng.integers(0, 40, n)] + 0.8 * rng.standard_normal((n, dim))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    regions = rng.standard_normal((n, windows, dim)).astype(np.float32)
+    hosts = rng.choice(n, 300, replace=False)  # these images hold a window close to another's whole
+    regions[hosts, 0] = vecs[(hosts + 7) % n] + 0.3 * rng.standard_normal((300, dim))
+    regions /= np.linalg.norm(regions, axis=2, keepdims=True)
+    regions = regions.astype(np.float16)
+    paths = []
+    for k, (a, b) in enumerate([(0, 1000), (1000, 2500), (2500, n)]):
+        np.save(tmp_path / f"{k}.npy", vecs[a:b])
+        np.save(tmp_path / f"{k}.regions.npy", regions[a:b])
+        paths.append(tmp_path / f"{k}.regions.npy")
+    rows = np.arange(n, dtype=np.int64) * 2  # embedded rows need not be consecutive
+    use = np.ones(n, bool)
+    use[::50] = False  # rows without an image take no part
+    files = RegionFiles.of(paths)
+    assert files is not None and len(files) == n
+    kw = {"propose": 0.5, "top_k": 4, "margin": 0.1, "per_image": 2}
+    expected = best_proposals(
+        region_candidates(vecs[use], regions[use], propose=0.5, top_k=4, rows=rows[use]),
+        vecs[use], rows[use], margin=0.1, per_image=2,
+    )  # fmt: skip
+    assert len(expected) >= 250
+
+    def pairs(c: object) -> set[tuple[int, int]]:
+        return set(zip(c.i.tolist(), c.j.tolist(), strict=True))  # type: ignore[attr-defined]
+
+    flat = partial_candidates(vecs, files, rows, use, **kw)
+    assert pairs(flat) == pairs(expected)
+    on_disk = VectorFiles([tmp_path / f"{k}.npy" for k in range(3)])
+    every_cell = partial_candidates(on_disk, files, rows, use, lists=16, probe=16, **kw)
+    assert pairs(every_cell) == pairs(expected)
+    few_cells = partial_candidates(on_disk, files, rows, use, lists=16, probe=4, **kw)
+    assert len(pairs(few_cells) & pairs(expected)) >= 0.95 * len(expected)
+    assert partial_candidates(on_disk, files, rows, use, lists=16, probe=4, **kw).score.tobytes() == few_cells.score.tobytes()

@@ -34,27 +34,38 @@ about 120 KB a row (1,000 ORB descriptors and a 320 px grey copy for the pixel c
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from itertools import batched
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
+from dedup._io import atomic_path, atomic_write_text
 from dedup._progress import ProgressFactory, silent
 from dedup._types import Shard
 from dedup.cluster import components
 from dedup.config import RunConfig, Verifier
 from dedup.embed import Embedder, build_embedder
 from dedup.errors import SampleError
+from dedup.executors.base import Executor, Markers, shard_file_name
+from dedup.executors.local import LocalExecutor
 from dedup.fingerprint import decode, trim_borders
 from dedup.rows import FeatureRows, as_rows
-from dedup.search import Candidates, Edges, Signal, below, best_per_pair, embedding_edges, region_candidates
+from dedup.partition import VectorFiles, auto_settings, partitioned_edges
+from dedup.search import Candidates, Edges, Signal, best_per_pair
 from dedup.second_look.geometry import LOCAL_SIDE, LocalFeatures, confirms, local_features, one_thread_each
-from dedup.second_look.propose import best_proposals, fresh, top_per_image
+from dedup.second_look.propose import RegionFiles, band_candidates, fresh, ivf_lists, partial_candidates, top_per_image
+from dedup.second_look.tasks import CANDIDATE_DTYPE, CheckStep, ReadStep, crop_to, read_edges
 from dedup.sources.readback import stream_images
 
 __all__ = ["second_look", "verify"]
@@ -230,15 +241,7 @@ def verify(
     return edges, stats
 
 
-def _crop_to(img: Image.Image, box: np.ndarray) -> Image.Image:
-    """``img`` cut to ``box`` (left, top, right, bottom as shares of its size), the whole of it
-    for the full box. A JPEG re-read at a reduced scale lands within a pixel of the full one."""
-    w, h = img.size
-    left, top = round(float(box[0]) * w), round(float(box[1]) * h)
-    right, bottom = min(w, round(float(box[2]) * w)), min(h, round(float(box[3]) * h))
-    if (left, top, right, bottom) == (0, 0, w, h) or right - left < 1 or bottom - top < 1:
-        return img
-    return img.crop((left, top, right, bottom))
+_crop_to = crop_to  # the name the model path and older callers know
 
 
 def _best_per_pair(i: np.ndarray, j: np.ndarray, score: np.ndarray, partial: np.ndarray) -> Edges:
@@ -250,56 +253,209 @@ def _best_per_pair(i: np.ndarray, j: np.ndarray, score: np.ndarray, partial: np.
 
 def second_look(
     table: pa.Table | FeatureRows,
-    vectors: np.ndarray,
+    vectors: np.ndarray | VectorFiles,
     direct: Edges,
     cfg: RunConfig,
     *,
     shards: Sequence[Shard],
-    regions: np.ndarray | None = None,
+    regions: RegionFiles | None = None,
     trims: np.ndarray | None = None,
+    work_dir: Path | None = None,
+    executor: Executor | None = None,
     progress: ProgressFactory = silent,
+    on_phase: Callable[[str], object] | None = None,
 ) -> tuple[Edges, dict[str, int]]:
-    """Confirmed links beyond ``direct`` (the links every signal made at its own threshold).
+    """Confirmed links beyond ``direct`` (the links every signal made at its own threshold), at
+    any number of rows.
 
-    Proposes the band candidates (``search.verify_from``) and, with ``regions``, the partial
-    ones (``search.partial``); drops those already joined by ``direct`` links; verifies the rest
-    (:func:`verify`). Only rows with an image and an embedding take part. ``trims`` (a box per
-    embedded row, :func:`load_trims`) says where each model input was cut from its image.
+    Proposes the band candidates (``search.verify_from``: an exact search up to
+    ``search.partition_above`` embeddings, the partitioned one above) and, with ``regions``
+    (:class:`~dedup.second_look.propose.RegionFiles`), the partial ones (``search.partial``);
+    drops those already joined by ``direct`` links; spills the rest under ``work_dir`` grouped
+    by the shard of their lower row and verifies them as per-shard tasks through ``executor``
+    (:mod:`dedup.second_look.tasks`; default: this process, ``cfg.workers`` processes), each
+    re-reading only its own shard's images. A rerun with the same candidates resumes from the
+    tasks' completion markers. Only rows with an image and an embedding take part. ``trims`` (a
+    box per embedded row, :func:`load_trims`) says where each model input was cut from its
+    image. ``on_phase(name)`` is told as each part ends (``pipeline.PhaseLog``).
+
+    With ``search.verify_by = "model"`` the band pairs are re-embedded on the driver
+    (:func:`verify`), whose memory grows with the candidate rows.
     """
     search = cfg.search
     rows_of = as_rows(table)
     embedded_rows = np.flatnonzero(rows_of.flags("embedded"))
     has_image = rows_of.flags("has_image") & rows_of.equals("status", "ok")
     use = has_image[embedded_rows] if embedded_rows.size else np.zeros(0, bool)
-    stats = {"candidates": 0, "confirmed": 0}
+    stats: dict[str, int] = {"candidates": 0, "confirmed": 0}
     if embedded_rows.size < 2 or not use.any():
         return Edges.empty(), stats
-    if embedded_rows.size > search.partition_above:
-        # Exact flat searches here; past this size the second look would dominate the run.
-        return Edges.empty(), {"candidates": 0, "confirmed": 0, "skipped_above": int(search.partition_above)}
     rows = embedded_rows[use]
-    vecs = np.asarray(vectors, np.float32)[use]
+    large = embedded_rows.size > search.partition_above
     parts: list[Candidates] = []
     labels = components(rows_of.num_rows, direct)
-    if 0 <= search.verify_from < search.threshold:
-        with progress("second look: propose", int(rows.size), "vec") as bar:
-            band, _ = embedding_edges(vecs, threshold=search.verify_from, rows=rows, block_size=search.block_size, progress=bar.update)
-        band_cands = below(band, search.threshold)
-        band_cands = fresh(band_cands, labels)
-        parts.append(top_per_image(band_cands, search.verify_per_image))
-    if search.partial and regions is not None and regions.shape[0] == embedded_rows.size:
-        with progress("partial copies: propose", int(rows.size), "img") as bar:
-            found = region_candidates(
-                vecs, regions[use], propose=search.partial_propose, top_k=search.partial_top_k, rows=rows, progress=bar.update
-            )
-        parts.append(best_proposals(found, vecs, rows, margin=search.partial_margin, per_image=search.partial_per_image))
-    cands = Candidates.concat(parts)
-    cands = fresh(cands, labels)  # pairs the direct links already join need no second look
-    if not len(cands):
-        return Edges.empty(), stats
-    with progress("second look: verify", int(np.unique(np.concatenate([cands.i, cands.j])).size), "img") as bar:
+    with _work_folder(work_dir) as work:
+        if 0 <= search.verify_from < search.threshold:
+            partitioned = None
+            if large:
+                partitioned = functools.partial(
+                    partitioned_edges,
+                    work_dir=work / "second_look.search",
+                    settings=auto_settings(int(embedded_rows.size), partitions=search.partitions, margin=search.margin),
+                )
+            with progress("second look: propose", int(embedded_rows.size if large else rows.size), "vec") as bar:
+                band = band_candidates(
+                    vectors, embedded_rows, use, low=search.verify_from, high=search.threshold,
+                    block_size=search.block_size, partitioned=partitioned, progress=bar.update,
+                )  # fmt: skip
+            band = fresh(band, labels)
+            parts.append(top_per_image(band, search.verify_per_image))
+        if search.partial and regions is not None and len(regions) == embedded_rows.size:
+            with progress("partial copies: propose", int(embedded_rows.size), "img") as bar:
+                parts.append(
+                    partial_candidates(
+                        vectors, regions, embedded_rows, use, propose=search.partial_propose, top_k=search.partial_top_k,
+                        margin=search.partial_margin, per_image=search.partial_per_image,
+                        lists=ivf_lists(int(rows.size)) if large else 0, progress=bar.update,
+                    )  # fmt: skip
+                )
+        cands = Candidates.concat(parts)
+        del parts
+        cands = fresh(cands, labels)  # pairs the direct links already join need no second look
+        if on_phase is not None:
+            on_phase("second look: propose")
+        if not len(cands):
+            return Edges.empty(), stats
         boxes = None
         if trims is not None and trims.shape == (embedded_rows.size, 4):
             boxes = np.full((rows_of.num_rows, 4), np.nan, np.float32)
             boxes[embedded_rows] = trims
-        return verify(rows_of, cands, cfg, shards=shards, progress=bar.update, joined=labels, trims=boxes)
+        if search.verify_by == Verifier.MODEL and bool((cands.window < 0).any()):
+            with progress("second look: verify", int(np.unique(np.concatenate([cands.i, cands.j])).size), "img") as bar:
+                return verify(rows_of, cands, cfg, shards=shards, progress=bar.update, joined=labels, trims=boxes)
+        return _verify_by_shard(rows_of, cands, labels, cfg, shards=shards, boxes=boxes, root=work / "second_look",
+                                executor=executor, progress=progress, on_phase=on_phase)  # fmt: skip
+
+
+@contextmanager
+def _work_folder(work_dir: Path | None) -> Iterator[Path]:
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        yield work_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="dedup-second-look-") as tmp:
+        yield Path(tmp)
+
+
+def _verify_by_shard(
+    rows_of: FeatureRows,
+    cands: Candidates,
+    labels: np.ndarray,
+    cfg: RunConfig,
+    *,
+    shards: Sequence[Shard],
+    boxes: np.ndarray | None,
+    root: Path,
+    executor: Executor | None,
+    progress: ProgressFactory,
+    on_phase: Callable[[str], object] | None,
+) -> tuple[Edges, dict[str, int]]:
+    """Spill ``cands`` by shard under ``root``, run the read and check tasks, gather the edges."""
+    stats = {"candidates": len(cands), "global": 0, "partial": 0, "confirmed": 0, "unreadable": 0, "checked": 0}
+    is_partial = cands.window >= 0
+    stats["partial"] = int(is_partial.sum())
+    stats["global"] = len(cands) - stats["partial"]
+    involved = np.unique(np.concatenate([cands.i, cands.j]))
+    ids = rows_of.take(["sample_id", "shard"], involved)
+    index_of = {s.shard_id: k for k, s in enumerate(shards)}
+    shard_idx = np.array([index_of.get(sh, -1) for sh in ids.column("shard").to_pylist()], np.int32)
+    sample_ids = np.array(ids.column("sample_id").to_pylist(), dtype=str) if involved.size else np.zeros(0, str)
+    del ids
+    si = shard_idx[np.searchsorted(involved, cands.i)]
+    sj = shard_idx[np.searchsorted(involved, cands.j)]
+    # A row whose shard is not among ``shards`` cannot be re-read: its pairs are not confirmed.
+    known = (si >= 0) & (sj >= 0)
+    stats["unreadable"] += int(np.unique(involved[shard_idx < 0]).size)
+    table = np.zeros(int(known.sum()), CANDIDATE_DTYPE)
+    for name, values in (("i", cands.i), ("j", cands.j), ("score", cands.score), ("window", cands.window), ("si", si), ("sj", sj)):
+        table[name] = values[known]
+    table["li"], table["lj"] = labels[table["i"]], labels[table["j"]]
+    home = np.where(table["i"] < table["j"], table["si"], table["sj"])  # the shard of the lower row
+    table = table[np.lexsort((table["window"], table["j"], table["i"], home))]
+    home = np.sort(home, kind="stable")
+    names = tuple(shard_file_name(s) for s in shards)
+
+    # What each shard must re-read: its rows that some candidate names.
+    ends = np.unique(np.concatenate([table["i"], table["j"]]))
+    at = np.searchsorted(involved, ends)
+    end_shard = shard_idx[at]
+    key = _digest(table, ends, sample_ids[at], boxes[ends] if boxes is not None else None, names, cfg)
+    _start(root, key)
+    read_shards: list[Shard] = []
+    for k in np.unique(end_shard).tolist():
+        sel = end_shard == k
+        path = root / "wanted" / f"{names[k]}.npz"
+        if not path.is_file():
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                box = boxes[ends[sel]] if boxes is not None else np.full((int(sel.sum()), 4), np.nan, np.float32)
+                np.savez(fh, rows=ends[sel], sample_ids=sample_ids[at][sel], boxes=box)
+        read_shards.append(shards[k])
+    check_shards: list[Shard] = []
+    bounds = np.searchsorted(home, np.arange(len(shards) + 1))
+    for k in range(len(shards)):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        if lo == hi:
+            continue
+        path = root / "candidates" / f"{names[k]}.npy"
+        if not path.is_file():
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, table[lo:hi])
+        check_shards.append(shards[k])
+    del table, home
+    runner = executor or LocalExecutor(workers=cfg.workers)
+    reader = ReadStep(config=cfg, root=root)
+    checker = CheckStep(config=cfg, root=root, names=names)
+    read_markers = Markers(root / "done-read", outputs=reader.paths)
+    check_markers = Markers(root / "done-check", outputs=checker.paths)
+    # Once every check task is done the features are deleted (they are ~120 KB an image): a
+    # rerun then needs no read task either, and takes their stats from the markers' record.
+    checks_done = all(check_markers.read(s) is not None for s in check_shards)
+    if checks_done:
+        read_markers = Markers(root / "done-read")
+    with progress("second look: read", int(ends.size), "img") as bar:
+        done = runner.run(reader, read_shards, markers=read_markers, on_progress=bar.update)
+    stats["unreadable"] += sum(int(done[s.shard_id].get("unreadable", 0)) for s in read_shards)
+    stats["looked"] = int(ends.size)
+    if on_phase is not None:
+        on_phase("second look: read")
+    with progress("second look: verify", int(len(cands)), "pair") as bar:
+        done = runner.run(checker, check_shards, markers=check_markers, on_progress=bar.update)
+    for s in check_shards:
+        stats["checked"] += int(done[s.shard_id].get("checked", 0))
+    shutil.rmtree(root / "features", ignore_errors=True)
+    found = read_edges(root, check_shards)
+    edges = Edges(found["i"], found["j"], found["score"].astype(np.float32), found["signal"].astype(np.int8))
+    stats["confirmed"] = len(edges)
+    return edges, stats
+
+
+def _digest(table: np.ndarray, ends: np.ndarray, ids: np.ndarray, boxes: np.ndarray | None, names: tuple[str, ...], cfg: RunConfig) -> str:
+    """What the tasks' results depend on: their candidates, images, boxes and settings."""
+    h = hashlib.sha256()
+    for part in (table, ends, np.asarray(ids, str), boxes if boxes is not None else np.zeros(0)):
+        h.update(np.ascontiguousarray(part).tobytes())
+    h.update(json.dumps([names, repr(cfg.search), repr(cfg.fingerprint)]).encode())
+    return h.hexdigest()
+
+
+def _start(root: Path, key: str) -> None:
+    """Keep ``root`` (and its finished tasks) when it holds these candidates; otherwise empty it."""
+    stamp = root / "key.json"
+    try:
+        if json.loads(stamp.read_text(encoding="utf-8")).get("key") == key:
+            return
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    atomic_write_text(stamp, json.dumps({"key": key}) + "\n")

@@ -10,14 +10,27 @@ Pairs the direct links already join need no second look.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import faiss
 import numpy as np
 
-from dedup.search import Candidates
+from dedup.partition import VectorFiles
+from dedup.search import Candidates, Edges, best_per_pair
 
-__all__ = ["best_proposals", "fresh", "load_regions", "load_trims", "top_per_image"]
+__all__ = [
+    "RegionFiles",
+    "band_candidates",
+    "best_proposals",
+    "fresh",
+    "ivf_lists",
+    "load_regions",
+    "load_trims",
+    "partial_candidates",
+    "top_per_image",
+]
 
 
 def load_regions(paths: Sequence[Path]) -> np.ndarray | None:
@@ -47,6 +60,189 @@ def _load_per_row(paths: Sequence[Path]) -> np.ndarray | None:
     if len({p.shape[1:] for p in parts}) != 1:
         return None
     return np.concatenate(parts)
+
+
+class RegionFiles:
+    """The region descriptors of a run's shards (``FeatureStep.regions_path``, float16
+    ``(n, windows, dim)`` per shard, in the row order of its embeddings), never concatenated:
+    :meth:`blocks` memory-maps one file at a time and copies a block of rows out of it."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths: list[Path] = []
+        counts: list[int] = []
+        shapes: set[tuple[int, ...]] = set()
+        for path in paths:
+            shape = _npy_shape(path)
+            if shape[0] == 0:
+                continue
+            self.paths.append(path)
+            counts.append(int(shape[0]))
+            shapes.add(tuple(shape[1:]))
+        if len(shapes) > 1 or any(len(s) != 2 for s in shapes):
+            raise ValueError(f"region files disagree on their shape: {sorted(shapes)}")
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+    @classmethod
+    def of(cls, paths: Sequence[Path]) -> RegionFiles | None:
+        """The files, or None when a shard has none (regions off, or features made before
+        they were) or they disagree in shape."""
+        if not all(p.is_file() for p in paths):
+            return None
+        try:
+            files = cls(paths)
+        except ValueError:
+            return None
+        return files if len(files) else None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 regions (m, windows, dim))``, in order; never two files in one."""
+        for f, path in enumerate(self.paths):
+            base, count = int(self.offsets[f]), int(self.offsets[f + 1] - self.offsets[f])
+            for start in range(0, count, block_rows):
+                mm = np.load(path, mmap_mode="r")
+                block = np.asarray(mm[start : start + block_rows], np.float32)
+                del mm
+                yield base + start, block
+
+
+IVF_PROBE = 32  # cells each region visits when the whole images are in an inverted file
+
+
+def ivf_lists(n: int) -> int:
+    """Cells of the inverted file for ``n`` whole images: ~4 sqrt(n) (1,800 at 200,000)."""
+    return int(4 * np.sqrt(max(n, 1)))
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    """The shape in an ``.npy`` header (an empty array cannot be memory-mapped)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(fh)
+    return tuple(int(d) for d in shape)
+
+
+def band_candidates(
+    vectors: np.ndarray | VectorFiles,
+    embedded_rows: np.ndarray,
+    use: np.ndarray,
+    *,
+    low: float,
+    high: float,
+    block_size: int,
+    partitioned: Callable[..., Any] | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> Candidates:
+    """Whole-image pairs scoring in ``[low, high)`` among the embedded rows with an image
+    (``use``): an exact flat search over the rows in memory, or with ``partitioned`` (a
+    :func:`dedup.partition.partitioned_edges` with its work folder bound) the partitioned one
+    over the vectors on disk, whose pairs are then cut to the rows with an image."""
+    from dedup.search import below, embedding_edges
+
+    rows = embedded_rows[use]
+    if partitioned is not None:
+        found, _ = partitioned(vectors, threshold=low, rows=embedded_rows, progress=progress)
+        has = np.zeros(int(embedded_rows.max()) + 1 if embedded_rows.size else 0, bool)
+        has[rows] = True
+        keep = has[found.i] & has[found.j]
+        found = Edges(found.i[keep], found.j[keep], found.score[keep], found.signal[keep])
+    else:
+        vecs = np.asarray(vectors, np.float32)[use]
+        found, _ = embedding_edges(vecs, threshold=low, rows=rows, block_size=block_size, progress=progress)
+    return below(found, high)
+
+
+def partial_candidates(
+    vectors: np.ndarray | VectorFiles,
+    regions: RegionFiles,
+    embedded_rows: np.ndarray,
+    use: np.ndarray,
+    *,
+    propose: float,
+    top_k: int,
+    margin: float,
+    per_image: int,
+    block_size: int = 2048,
+    lists: int = 0,
+    probe: int = IVF_PROBE,
+    progress: Callable[[int], object] | None = None,
+) -> Candidates:
+    """Partial-copy proposals (:func:`dedup.search.region_candidates` then :func:`best_proposals`)
+    with the region descriptors read a block at a time from the per-shard files, against an
+    index of the whole images (the embedded rows with an image, ``use``).
+
+    The index is exact (flat) with ``lists`` 0; otherwise an inverted file of ``lists`` k-means
+    cells of which each region visits its ``probe`` nearest: every region against every image
+    costs ``N² * windows * dim`` (hours at 200,000 images on two cores), the cells cut that by
+    ``lists / probe``, at the price of a proposal whose image lies in a cell not visited.
+    Either index holds ``4 * dim`` bytes a row (400 MB at 200,000 rows of 512): what bounds
+    this step's memory; the regions never are in memory beyond a block."""
+    rows = embedded_rows[use]
+    n = int(rows.size)
+    if n < 2 or not len(regions):
+        return Candidates.empty()
+    dim = int(vectors.shape[1])
+    lists = min(lists, n // 39)  # faiss wants ~39 training points a cell
+    index: Any
+    if lists > 1:
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 1234  # the cells, and so the proposals, are the same run after run
+        pick = np.sort(np.random.default_rng(1234).choice(n, size=min(n, 64 * lists), replace=False))
+        emb_pick = np.flatnonzero(use)[pick]
+        sample = vectors.take(emb_pick) if isinstance(vectors, VectorFiles) else np.asarray(vectors, np.float32)[emb_pick]
+        index.train(np.ascontiguousarray(sample, np.float32))
+        del sample
+        index.nprobe = min(probe, lists)
+    else:
+        index = faiss.IndexFlatIP(dim)
+    if isinstance(vectors, VectorFiles):
+        for start, block in vectors.blocks():
+            sel = use[start : start + block.shape[0]]
+            if sel.any():
+                index.add(np.ascontiguousarray(block[sel]))
+    else:
+        index.add(np.ascontiguousarray(np.asarray(vectors, np.float32)[use]))
+    pos_of = np.full(use.size, -1, np.int64)  # embedded position -> position among ``use``
+    pos_of[use] = np.arange(n, dtype=np.int64)
+    k = min(top_k + 1, n)  # one more: an image's own whole is usually its regions' nearest
+    found: list[Candidates] = []
+    for first, regs in regions.blocks(block_size):
+        m = regs.shape[0]
+        for start in range(0, m, block_size):
+            part = regs[start : start + block_size]
+            owners = pos_of[first + start : first + start + part.shape[0]]
+            sel = owners >= 0
+            if sel.any() and part.shape[1]:
+                per = int(part.shape[1])
+                q = np.ascontiguousarray(part[sel].reshape(-1, part.shape[2]), dtype=np.float32)
+                dist, idx = index.search(q, k)
+                owner = np.repeat(owners[sel], per * k)
+                window = np.tile(np.repeat(np.arange(per, dtype=np.int16), k), int(sel.sum()))
+                dist, idx = dist.reshape(-1), idx.reshape(-1).astype(np.int64)
+                hit = (idx >= 0) & (idx != owner) & (dist >= propose)
+                c = Candidates(owner[hit], idx[hit], dist[hit].astype(np.float32), window[hit])
+                if len(c):  # the best window per (container, image): all of a container's are here
+                    found.append(c.take(best_per_pair(c.i, c.j, c.score)))
+            if progress is not None:
+                progress(part.shape[0])
+    cands = Candidates.concat(found)
+    del index
+    if not len(cands):
+        return cands
+    cands = Candidates(rows[cands.i], rows[cands.j], cands.score, cands.window)
+    # the two whole images' own similarity, gathered for the proposed pairs only
+    emb_pos = np.searchsorted(embedded_rows, np.concatenate([cands.i, cands.j]))
+    if isinstance(vectors, VectorFiles):
+        uniq, inverse = np.unique(emb_pos, return_inverse=True)
+        both = vectors.take(uniq)[inverse]
+    else:
+        both = np.asarray(vectors, np.float32)[emb_pos]
+    whole = np.einsum("nd,nd->n", both[: len(cands)], both[len(cands) :])
+    return _best_scored(cands, whole, margin=margin, per_image=per_image)
 
 
 def fresh(cands: Candidates, labels: np.ndarray) -> Candidates:
@@ -88,6 +284,10 @@ def best_proposals(cands: Candidates, vecs: np.ndarray, rows: np.ndarray, *, mar
         return cands
     pos = np.searchsorted(rows, cands.i), np.searchsorted(rows, cands.j)
     whole = np.einsum("nd,nd->n", vecs[pos[0]], vecs[pos[1]])
+    return _best_scored(cands, whole, margin=margin, per_image=per_image)
+
+
+def _best_scored(cands: Candidates, whole: np.ndarray, *, margin: float, per_image: int) -> Candidates:
     kept = cands.take(cands.score - whole >= margin)
     kept = kept.take(np.lexsort((-kept.score, kept.i)))
     return kept.take(_rank_in_runs(kept.i) < per_image)
