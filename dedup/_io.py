@@ -48,17 +48,19 @@ _OWNED_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)-(?P<pid>[0-9]+)\.[A-Za
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
 
 
-def output_error(err: OSError, path: Path | str) -> OutputError | None:
+DEFAULT_HINT = (
+    "free space or fix permissions (or pick another --out), then rerun the same command: "
+    "finished shards are kept and resumed"
+)
+
+
+def output_error(err: OSError, path: Path | str, *, hint: str = DEFAULT_HINT) -> OutputError | None:
     """The OutputError for ``err`` (raised while writing ``path``), or None if it is not one
     of :data:`OUTPUT_ERRNOS`."""
     what = OUTPUT_ERRNOS.get(err.errno or 0)
     if what is None:
         return None
-    return OutputError(
-        f"cannot write {path}: {what} ({err.strerror or err}); hint: free space or fix "
-        "permissions (or pick another --out), then rerun the same command: finished shards "
-        "are kept and resumed"
-    )
+    return OutputError(f"cannot write {path}: {what} ({err.strerror or err}); hint: {hint}")
 
 
 @contextmanager
