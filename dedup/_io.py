@@ -171,9 +171,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def output_errors(param: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Decorate a function that writes under its argument ``param`` (an output folder): an
-    OSError of :data:`OUTPUT_ERRNOS` about a path inside that folder becomes OutputError.
+def output_errors(*params: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorate a function that writes under its arguments ``params`` (output and work
+    folders): an OSError of :data:`OUTPUT_ERRNOS` about a path inside one of them becomes
+    OutputError.
 
     A backstop for the writes that do not go through :func:`atomic_path` (``mkdir`` of
     subfolders); errors about other paths (a source file, say) pass through unchanged.
@@ -187,8 +188,9 @@ def output_errors(param: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
             try:
                 return fn(*args, **kwargs)
             except OSError as err:
-                out: Any = signature.bind_partial(*args, **kwargs).arguments.get(param)
-                if out is not None and err.filename and _inside(str(err.filename), Path(out)):
+                given = signature.bind_partial(*args, **kwargs).arguments
+                folders: list[Any] = [given[p] for p in params if given.get(p) is not None]
+                if err.filename and any(_inside(str(err.filename), Path(f)) for f in folders):
                     translated = output_error(err, err.filename)
                     if translated is not None:
                         raise translated from err

@@ -30,6 +30,7 @@ from test_embeddings_source import vectors_with_groups, write_clip_retrieval  # 
 
 from dedup import run  # noqa: E402
 from dedup.config import RunConfig  # noqa: E402
+from dedup.sources import discover  # noqa: E402
 
 HERE = Path(__file__).parent / "faults"
 PYTHON = sys.executable
@@ -140,3 +141,95 @@ def test_a_full_disk_at_any_write_is_one_line_and_the_rerun_gives_the_same_bytes
     for case in cases:
         case["ks"] = every
     _check(_sweep(shim, tmp_path, cases))
+
+
+EMB_CFG = RunConfig().with_overrides({"search.partition_above": 500, "search.partitions": 48, "search.threshold": 0.95})
+
+
+def test_work_moves_every_scratch_file_off_out(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dedup.cli import app
+
+    d = _data(tmp_path / "data")
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = CliRunner().invoke(app, ["run", str(d["emb"]), "--out", str(out), "--work", str(work), "--config", str(d["toml"]), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert not (out / ".work").exists()
+    assert list(work.glob("*/shards/*.npy")) and list(work.glob("*/done/*.done.json"))
+    assert not (work / "search").exists()  # the search's spill, deleted once merged
+    clean = tmp_path / "clean"
+    run([str(d["emb"])], clean, config=EMB_CFG)
+    assert (out / "manifest.parquet").read_bytes() == (clean / "manifest.parquet").read_bytes()
+
+
+def test_a_run_the_free_space_cannot_hold_stops_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import dedup.pipeline
+    from dedup.cli import app
+
+    d = _data(tmp_path / "data")
+    need = dedup.pipeline.estimate_disk(discover([str(d["emb"])]), EMB_CFG, tmp_path / "w", tmp_path / "o")
+    vectors = 2100 * 32 * 2  # float16 rows: the checkpoints hold them once, the scratch once
+    assert need.samples == 2100 and need.checkpoints >= vectors and need.scratch >= vectors
+    real = shutil.disk_usage
+
+    def small(path: Any) -> Any:
+        u = real(path)
+        return type(u)(u.total, u.total - 1000, 1000)
+
+    monkeypatch.setattr(dedup.pipeline.shutil, "disk_usage", small)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(d["emb"]), "--out", str(out), "--config", str(d["toml"]), "--quiet"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("Error: not enough free disk: this run of 2,100 samples needs about"), line
+    assert "--work DIR" in line and "checkpoints" in line and "0.00 GB are free" in line
+    assert not list(out.rglob("*.npy"))  # refused before any work
+    result = CliRunner().invoke(app, ["run", str(d["emb"]), "--out", str(out), "--no-disk-check", "--config", str(d["toml"]), "--quiet"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    """A tmpfs of a given size, mounted under tmp_path (root only): ``mount(size)``, remountable."""
+    point = tmp_path / "fs"
+    point.mkdir()
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        opts = f"size={size}" if not mounted else f"remount,size={size}"
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here: {proc.stderr.strip() or proc.returncode}")
+        mounted.append(point)
+        return point
+
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+@pytest.mark.slow
+def test_a_real_small_file_system_stops_cleanly_and_the_rerun_finishes(tmp_path: Path, small_fs: Any) -> None:
+    d = _data(tmp_path / "data")
+    clean = tmp_path / "clean"
+    run([str(d["emb"])], clean, config=EMB_CFG)
+    fs = small_fs(400_000)  # the checkpoints (~0.3 MB) fit, the search's scratch does not
+    out = fs / "out"
+    argv = [sys.executable, "-m", "dedup.cli", "run", str(d["emb"]), "--out", str(out), "--config", str(d["toml"]), "--quiet"]
+    refused = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith("Error: not enough free disk"), refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    full = subprocess.run([*argv, "--no-disk-check"], capture_output=True, text=True, check=False)
+    assert full.returncode == 2, full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: cannot write ") and "the disk is full" in lines[0], full.stderr
+    small_fs(20_000_000)  # room made
+    again = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stderr
+    for name in ("manifest.parquet", "keep.parquet", "report.json"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
