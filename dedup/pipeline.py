@@ -127,6 +127,7 @@ def run(
                 features_dir=work / FEATURES,
                 evals=evals,
                 search_dir=work_root / "search",
+                stored_vectors=VectorFiles([FeatureStep(config=cfg, out_dir=work / FEATURES).paths(s)[1] for s in shards]),
             )
 
 
@@ -260,6 +261,7 @@ def finish(
     features_dir: Path | None = None,
     evals: Sequence[EvalSet] = (),
     search_dir: Path | None = None,
+    stored_vectors: Any = None,
 ) -> RunResult:
     """The global stages over all features: search, cluster, select, and every output.
 
@@ -306,7 +308,10 @@ def finish(
         write_manifest(manifest, out_dir / "manifest.parquet")
         write_keep_list(manifest, out_dir / "keep.parquet")
         timer.done("write manifest")
-        write_index(index_dir(out_dir), rows, vectors, labels, cfg, catalog=catalog, embedding_model=_index_model(shard_stats, vectors, cfg))
+        # The index stores the vectors as the checkpoints hold them (hard links where it can):
+        # ``stored_vectors`` are those files when ``vectors`` were read into memory.
+        stored = stored_vectors if stored_vectors is not None else vectors
+        write_index(index_dir(out_dir), rows, stored, labels, cfg, catalog=catalog, embedding_model=_index_model(shard_stats, vectors, cfg))
         timer.done("write index")
         report = build_report(manifest, edges, levels, cfg, shard_stats=shard_stats, embedding_label=embedding_label)
         if evals:
@@ -526,7 +531,7 @@ def _index_vector_bytes(vectors: int, work: Path, out_dir: Path) -> int:
     return 0 if same and _INDEX_LINKS else vectors
 
 
-_INDEX_LINKS = False  # the index hard-links the checkpoints' vectors (see dedup.store)
+_INDEX_LINKS = True  # the index hard-links the checkpoints' vectors (see dedup.store)
 
 
 def _existing(path: Path) -> Path:
