@@ -48,17 +48,19 @@ _OWNED_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)-(?P<pid>[0-9]+)\.[A-Za
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
 
 
-def output_error(err: OSError, path: Path | str) -> OutputError | None:
+DEFAULT_HINT = (
+    "free space or fix permissions (or pick another --out), then rerun the same command: "
+    "finished shards are kept and resumed"
+)
+
+
+def output_error(err: OSError, path: Path | str, *, hint: str = DEFAULT_HINT) -> OutputError | None:
     """The OutputError for ``err`` (raised while writing ``path``), or None if it is not one
     of :data:`OUTPUT_ERRNOS`."""
     what = OUTPUT_ERRNOS.get(err.errno or 0)
     if what is None:
         return None
-    return OutputError(
-        f"cannot write {path}: {what} ({err.strerror or err}); hint: free space or fix "
-        "permissions (or pick another --out), then rerun the same command: finished shards "
-        "are kept and resumed"
-    )
+    return OutputError(f"cannot write {path}: {what} ({err.strerror or err}); hint: {hint}")
 
 
 @contextmanager
@@ -169,9 +171,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def output_errors(param: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Decorate a function that writes under its argument ``param`` (an output folder): an
-    OSError of :data:`OUTPUT_ERRNOS` about a path inside that folder becomes OutputError.
+def output_errors(*params: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorate a function that writes under its arguments ``params`` (output and work
+    folders): an OSError of :data:`OUTPUT_ERRNOS` about a path inside one of them becomes
+    OutputError.
 
     A backstop for the writes that do not go through :func:`atomic_path` (``mkdir`` of
     subfolders); errors about other paths (a source file, say) pass through unchanged.
@@ -185,8 +188,9 @@ def output_errors(param: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
             try:
                 return fn(*args, **kwargs)
             except OSError as err:
-                out: Any = signature.bind_partial(*args, **kwargs).arguments.get(param)
-                if out is not None and err.filename and _inside(str(err.filename), Path(out)):
+                given = signature.bind_partial(*args, **kwargs).arguments
+                folders: list[Any] = [given[p] for p in params if given.get(p) is not None]
+                if err.filename and any(_inside(str(err.filename), Path(f)) for f in folders):
                     translated = output_error(err, err.filename)
                     if translated is not None:
                         raise translated from err

@@ -11,7 +11,6 @@ renames the existing ids from ``x`` to ``s0/x``. A command, beside ``check`` (wh
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ from dedup.partition import VectorFiles
 from dedup.pipeline import RunResult
 from dedup.sources import discover
 from dedup.store import (
-    EMBEDDINGS,
     Catalog,
     Index,
     IndexConflictError,
@@ -44,6 +42,7 @@ from dedup.store import (
     index_lock,
     open_index,
     read_index,
+    vector_files,
     resolve_source,
 )
 
@@ -178,38 +177,31 @@ def add(
         if not plan.new:
             return AddResult(out_dir, 0, 0, len(plan.known), None)
         new_table, new_vectors, per_shard = pipeline.featurize(plan.new, work_dir, speed, executor=executor, progress=prog)
-        # The index's embeddings are read through a hard link (write_index replaces the file
-        # they are read from); the new shards' from their checkpoints: nothing is concatenated.
-        pinned = work_dir / f"index-{EMBEDDINGS}"
-        pinned.unlink(missing_ok=True)
-        try:
-            os.link(directory / EMBEDDINGS, pinned)
-        except OSError:  # no hard links there: read them into memory, as small indexes are anyway
-            pinned = None  # type: ignore[assignment]
-            index = read_index(directory, columns=None, vectors=True)
+        # The index's vectors are read from their parts (write_index makes a new generation's
+        # folder and removes this one only once meta.json names the new); the new shards' from
+        # their checkpoints: nothing is concatenated, nothing copied.
+        stored = vector_files(directory, index.meta)
         step = FeatureStep(config=speed, out_dir=work_dir / pipeline.FEATURES)
-        try:
-            table, vectors, catalog = merge(
-                index, plan, new_table, new_vectors, per_shard,
-                stored=pinned, new_paths={s.shard_id: step.paths(s)[1] for s in plan.new},
-                in_memory_below=cfg.search.partition_above,
-            )  # fmt: skip
-            save_config(cfg, out_dir / "config.json")
-            result = pipeline.finish(
-                table,
-                vectors,
-                out_dir,
-                cfg,
-                shard_stats=merge_stats([e.stats for e in catalog.shards]),
-                progress=prog,
-                shards=[e.shard for e in catalog.shards],
-                catalog=catalog,
-                features_dir=work_dir / pipeline.FEATURES,
-                executor=executor,
-            )
-        finally:
-            if pinned is not None:
-                pinned.unlink(missing_ok=True)
+        new_paths = {s.shard_id: step.paths(s)[1] for s in plan.new}
+        # in_memory_below=-1: always the files (the index links them); in memory for the search
+        # when there are few, as a run does
+        table, files, catalog = merge(index, plan, new_table, new_vectors, per_shard, stored=stored, new_paths=new_paths, in_memory_below=-1)
+        vectors = files if len(files) > cfg.search.partition_above else (np.asarray(files) if len(files) else np.zeros((0, 0), np.float32))
+        save_config(cfg, out_dir / "config.json")
+        result = pipeline.finish(
+            table,
+            vectors,
+            out_dir,
+            cfg,
+            shard_stats=merge_stats([e.stats for e in catalog.shards]),
+            progress=prog,
+            shards=[e.shard for e in catalog.shards],
+            catalog=catalog,
+            features_dir=work_dir / pipeline.FEATURES,
+            search_dir=(Path(work) if work is not None else out_dir / pipeline.WORK_DIR) / "search",
+            stored_vectors=files,
+            executor=executor,
+        )
     return AddResult(out_dir, len(plan.new), new_table.num_rows, len(plan.known), result)
 
 
@@ -220,13 +212,13 @@ def merge(
     new_vectors: np.ndarray,
     per_shard: dict[str, dict[str, Any]],
     *,
-    stored: Path | None = None,
+    stored: VectorFiles | None = None,
     new_paths: dict[str, Path] | None = None,
     in_memory_below: int | None = None,
 ) -> tuple[pa.Table, np.ndarray, Catalog]:
     """The index's rows plus the new shards' rows, in index order (what a run would read).
 
-    Vectors: with ``stored`` (the index's embeddings.npy, or a link to it) and ``new_paths``
+    Vectors: with ``stored`` (the index's vector parts) and ``new_paths``
     (each new shard's checkpoint ``.npy``), a :class:`~dedup.partition.VectorFiles` over pieces
     of those files in index order, read a block at a time (materialised when there are at most
     ``in_memory_below`` of them, as a run does); otherwise ``index.vectors`` and ``new_vectors``
@@ -251,7 +243,7 @@ def merge(
     pieces: list[tuple[tuple[int, str], IndexedShard, pa.Table, Any]] = []
     row = emb = 0
     for e in entries:
-        part = (stored, emb, emb + e.embedded) if streamed else vectors[emb : emb + e.embedded]
+        part = _pieces(stored, emb, emb + e.embedded) if streamed else vectors[emb : emb + e.embedded]  # type: ignore[arg-type]
         pieces.append(((e.source_index, e.shard.shard_id), e, old.slice(row, e.rows), part))
         row += e.rows
         emb += e.embedded
@@ -265,7 +257,7 @@ def merge(
     for shard in plan.new:
         n, k = rows.get(shard.shard_id, 0), embedded.get(shard.shard_id, 0)
         entry = IndexedShard(shard, plan.source_of[shard.shard_id], n, k, per_shard.get(shard.shard_id, {}))
-        part = (new_paths[shard.shard_id], 0, k) if streamed else new_vectors[emb : emb + k]  # type: ignore[index]
+        part = [(new_paths[shard.shard_id], 0, k)] if streamed else new_vectors[emb : emb + k]  # type: ignore[index]
         pieces.append(((entry.source_index, shard.shard_id), entry, new_table.slice(row, n), part))
         row += n
         emb += k
@@ -273,13 +265,24 @@ def merge(
     table = pa.concat_tables([p[2] for p in pieces]) if pieces else SCHEMA.empty_table()
     catalog = Catalog(plan.sources, tuple(p[1] for p in pieces))
     if streamed:
-        files = VectorFiles([p[3] for p in pieces if p[3][2] > p[3][1]])
+        files = VectorFiles([t for p in pieces for t in p[3] if t[2] > t[1]])
         if in_memory_below is not None and len(files) > in_memory_below:
             return table, files, catalog  # type: ignore[return-value]  # array-like; see VectorFiles
         return table, (np.asarray(files) if len(files) else np.zeros((0, 0), np.float32)), catalog
     parts = [p[3] for p in pieces if p[3].ndim == 2 and p[3].shape[0]]
     all_vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     return table, all_vectors, catalog
+
+
+def _pieces(files: VectorFiles, start: int, stop: int) -> list[tuple[Path, int, int]]:
+    """Rows ``start..stop-1`` of ``files`` as ``(path, first, end)`` pieces of its files."""
+    out: list[tuple[Path, int, int]] = []
+    for f, path in enumerate(files.paths):
+        lo, hi = int(files.offsets[f]), int(files.offsets[f + 1])
+        a, b = max(start, lo), min(stop, hi)
+        if a < b:
+            out.append((path, files.starts[f] + a - lo, files.starts[f] + b - lo))
+    return out
 
 
 def _prefixed(table: pa.Table, prefix: str) -> pa.Table:

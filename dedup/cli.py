@@ -100,6 +100,8 @@ def run(
     executor: Annotated[ExecutorKind, typer.Option(help="Where the per-shard work runs: local processes, or Ray (starts a local Ray; --ray-address joins a cluster). Ray needs: pip install 'dedup\\[ray]'.")] = ExecutorKind.LOCAL,
     ray_address: Annotated[str | None, typer.Option(help="The Ray cluster to join with --executor ray, e.g. auto or ray://head:10001.")] = None,
     against: Annotated[list[str] | None, typer.Option("--against", help="Decontaminate: an evaluation set's index (the --out folder of `dedup run EVAL`), as PATH or NAME=PATH; repeatable. Training samples that copy one of its images are dropped (reason contaminates:NAME) and report.html gets a section per set.", show_default=False)] = None,
+    work: Annotated[Path | None, typer.Option("--work", help="Where the scratch files go: the per-shard checkpoints and the partitioned search's spill (default: OUT/.work). Another disk keeps OUT small; a rerun with the same --work resumes.", show_default=False)] = None,
+    disk_check: Annotated[bool, typer.Option("--disk-check/--no-disk-check", help="Estimate the disk the run needs from its input and stop before starting when free space is short.")] = True,
     quiet: Quiet = False,
 ) -> None:
     """Deduplicate SOURCES into OUT: manifest.parquet, keep.parquet, report.json/html, index/.
@@ -132,6 +134,7 @@ def run(
         result = run_pipeline(
             sources, out, config=cfg, executor=runner, progress=_progress_factory(quiet), against=against or (),
             decisions=decisions or (),
+            work=work, disk_check=disk_check,
         )  # fmt: skip
     except DedupError as err:
         raise _fail(err) from None

@@ -37,6 +37,7 @@ above the threshold come from the merged edges and are exact up to recall.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -50,6 +51,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from dedup._io import output_error
 from dedup.search import Edges, Signal
 
 Progress = Callable[[int], object]
@@ -235,6 +237,10 @@ class PartitionSettings:
     sample_per_centroid: int = 64  # k-means training points per centroid
     niter: int = 12  # k-means iterations
     seed: int = 1234
+    # Scratch on disk (regrouped cells, their assignments, edge parts) at most this many times
+    # the input vectors' own bytes as stored: a split whose cells would hold more is written and
+    # searched in several passes over its input, each pass a range of its cells.
+    scratch_ratio: float = 1.0
 
 
 class _Cell(Protocol):
@@ -323,14 +329,77 @@ class _DiskCell:
         )
 
 
-class _Spill:
-    """Buffered appends of rows into the cells of one split."""
+class _Scratch:
+    """The bytes the search holds on disk now, their peak, and the budget they must stay under;
+    every write there goes through :meth:`write`, so a full disk is an OutputError naming the
+    file, not a traceback."""
 
-    def __init__(self, root: Path, k: int) -> None:
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+        self.peak = 0
+        self.written = 0
+
+    def grew(self, nbytes: int) -> None:
+        self.held += nbytes
+        self.written += nbytes
+        self.peak = max(self.peak, self.held)
+
+    def write(self, path: Path, chunks: Sequence[bytes | memoryview | np.ndarray], *, append: bool) -> None:
+        """Write (or append) ``chunks`` to ``path``."""
+        nbytes = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab" if append else "wb") as fh:
+                for chunk in chunks:
+                    data = chunk.tobytes() if isinstance(chunk, np.ndarray) else chunk
+                    fh.write(data)
+                    nbytes += len(data)
+        except OSError as err:
+            raise _scratch_error(err, path) from err
+        finally:
+            self.grew(nbytes)
+
+    def remove(self, path: Path) -> None:
+        """Delete a file or folder of scratch, and stop counting its bytes."""
+        if not path.exists():
+            return
+        if path.is_dir():
+            for parent, _, names in os.walk(path):
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        self.held -= os.stat(os.path.join(parent, name)).st_size
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                self.held -= path.stat().st_size
+                path.unlink()
+
+
+def _scratch_error(err: OSError, path: Path) -> Exception:
+    """An OutputError for a full disk (or quota, read-only...) under the search's scratch
+    folder; any other error unchanged, with the path it concerns."""
+    translated = output_error(err, path, hint=SCRATCH_HINT)
+    if translated is not None:
+        return translated
+    return OSError(err.errno, err.strerror, str(path)) if not err.filename else err
+
+
+SCRATCH_HINT = (
+    "free space, or give scratch another disk with --work DIR, then rerun the same command: "
+    "finished shards are kept and resumed"
+)
+
+
+class _Spill:
+    """Buffered appends of rows into the cells of one split (those of one pass)."""
+
+    def __init__(self, root: Path, k: int, scratch: _Scratch) -> None:
         self.dirs = [root / f"{c:04d}" for c in range(k)]
         self.buffers: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(k)]
         self.sizes = [0] * k
         self.total = 0
+        self.scratch = scratch
 
     def add(self, c: int, pos: np.ndarray, raw: np.ndarray, home: np.ndarray) -> None:
         self.buffers[c].append((pos, raw, home))
@@ -347,11 +416,8 @@ class _Spill:
         parts = self.buffers[c]
         if not parts:
             return
-        self.dirs[c].mkdir(parents=True, exist_ok=True)
         for name, column in (("pos.bin", 0), ("vec.bin", 1), ("home.bin", 2)):
-            with open(self.dirs[c] / name, "ab") as fh:
-                for part in parts:
-                    fh.write(np.ascontiguousarray(part[column]).tobytes())
+            self.scratch.write(self.dirs[c] / name, [np.ascontiguousarray(part[column]) for part in parts], append=True)
         self.total -= self.sizes[c]
         self.sizes[c] = 0
         parts.clear()
@@ -383,6 +449,8 @@ class _Run:
     largest: int = 0
     split_in: int = 0  # rows into on-disk splits
     split_out: int = 0  # rows out of them (soft-border copies included)
+    passes: int = 0  # passes over the inputs of on-disk splits (one per split when scratch allows)
+    scratch: _Scratch = field(default_factory=lambda: _Scratch(0))
 
     def tick(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
@@ -419,7 +487,10 @@ def partitioned_edges(
         return Edges.empty(), {t: (0, 0) for t in levels}
     shutil.rmtree(work_dir, ignore_errors=True)
     edge_dir = work_dir / "edges"
-    edge_dir.mkdir(parents=True)
+    try:
+        edge_dir.mkdir(parents=True)
+    except OSError as err:
+        raise _scratch_error(err, edge_dir) from err
     run = _Run(
         threshold=float(threshold),
         low=float(low),
@@ -431,12 +502,13 @@ def partitioned_edges(
         progress=progress,
         sub_pairs={t: 0 for t in sub_levels},
         sub_samples={t: np.zeros(n, bool) for t in sub_levels},
+        scratch=_Scratch(int(s.scratch_ratio * n * vectors.shape[1] * _storage_dtype(vectors).itemsize)),
     )
     try:
         _search(_SourceCell(vectors), run, work_dir / "cells", depth=0)
         i, j, score = _merge_edges(edge_dir, n)
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        run.scratch.remove(work_dir)
     counts: dict[float, tuple[int, int]] = {}
     for t in levels:
         if t >= threshold:
@@ -452,10 +524,20 @@ def partitioned_edges(
             largest_partition=run.largest,
             work=round(run.products / n / max(1, s.partition_size), 4),
             split_replication=round(run.split_out / max(1, run.split_in), 4),
+            split_passes=run.passes,
+            scratch_peak_bytes=run.scratch.peak,
+            scratch_written_bytes=run.scratch.written,
+            scratch_budget_bytes=run.scratch.budget,
             seconds={k: round(v, 3) for k, v in run.seconds.items()},
         )
     edges = Edges(row_of[i], row_of[j], score, np.full(i.shape[0], int(Signal.EMBEDDING), np.int8))
     return edges, counts
+
+
+def _storage_dtype(vectors: VectorFiles | np.ndarray) -> np.dtype[Any]:
+    if isinstance(vectors, VectorFiles):
+        return vectors.storage_dtype
+    return np.dtype(np.float16) if vectors.dtype == np.float16 else np.dtype(np.float32)
 
 
 def _search(cell: _Cell, run: _Run, root: Path, depth: int) -> None:
@@ -468,46 +550,143 @@ def _search(cell: _Cell, run: _Run, root: Path, depth: int) -> None:
         _search_in_memory(cell, run)
         return
     k = min(s.branching, max(2, math.ceil(cell.n / target)))
-    children = _split(cell, k, run, root / f"d{depth}")
-    for child in children:
-        if child.n == 0:
-            continue
+    for child in _split(cell, k, run, root / f"d{depth}"):
         if child.n >= cell.n * 0.9:  # a split that cannot shrink it (all alike): search it as is
             _search_in_memory(child, run)
         else:
             _search(child, run, child.directory, depth + 1)
-        shutil.rmtree(child.directory, ignore_errors=True)
+        run.scratch.remove(child.directory)  # consumed: its rows (and its own split's) go
 
 
-def _split(cell: _Cell, k: int, run: _Run, root: Path) -> list[_DiskCell]:
-    """Regroup ``cell`` on disk into ``k`` cells by soft assignment to k-means centroids."""
+def _row_bytes(cell: _Cell) -> int:
+    """Bytes a row takes in a spilled cell: position, vector as stored, home flag."""
+    return 8 + cell.dim * cell.storage_dtype.itemsize + 1
+
+
+_ASSIGN_DTYPE = np.dtype([("r", "<i4"), ("c", "<i4"), ("best", "?")])
+
+
+def _split(cell: _Cell, k: int, run: _Run, root: Path) -> Iterator[_DiskCell]:
+    """Regroup ``cell`` on disk into ``k`` cells by soft assignment to k-means centroids, and
+    yield them one at a time (the caller searches each and deletes it).
+
+    The cells are written in passes, each a range of them, so that scratch stays under its
+    budget: the first pass reads the input, assigns every row, spills the cells of its range
+    and keeps the assignments of the others (9 bytes a copy) for the later passes, which read
+    the input again and spill only their own range. The first pass's range comes from the
+    k-means sample's assignment (an estimate, with slack); the later ones from the true counts.
+    A parent cell on disk is deleted once its last pass is spilled.
+    """
     s = run.settings
     rng = np.random.default_rng(s.seed + run.cells)
     run.cells += 1
     t0 = time.perf_counter()
-    centroids = _kmeans(cell.sample(k * s.sample_per_centroid, rng), k, s, seed=s.seed + run.cells)
+    sample = cell.sample(k * s.sample_per_centroid, rng)
+    centroids = _kmeans(sample, k, s, seed=s.seed + run.cells)
     gaps = _distances(centroids)
     k = centroids.shape[0]
+    row_bytes = _row_bytes(cell)
+    # Estimated bytes per cell: the sample's soft assignment, scaled to the cell.
+    _, est_c, _ = _assign(sample, centroids, gaps, run.width, s.max_assign)
+    estimate = np.bincount(est_c, minlength=k) * (cell.n / max(1, sample.shape[0])) * row_bytes * 1.25
+    del sample, est_c
     t1 = time.perf_counter()
     run.tick("split k-means", t1 - t0)
-    spill = _Spill(root, k)
-    for pos, raw, home in cell.blocks(_BLOCK_ROWS):
+    parent = cell.directory if isinstance(cell, _DiskCell) else None
+    # What this split may hold: the budget, less what is held already (other cells of the
+    # levels above, edges), plus the parent's own rows once they go (after the last pass).
+    room = max(0, run.scratch.budget - run.scratch.held)
+    ranges = _plan(estimate, room)
+    first = ranges[0]
+    single = len(ranges) == 1
+    assign_dir = root / "assign"
+    counts = np.zeros(k, np.int64)
+    spill = _Spill(root, k, run.scratch)
+    for b, (pos, raw, home) in enumerate(cell.blocks(_BLOCK_ROWS)):
         r, c, best = _assign(unit32(raw), centroids, gaps, run.width, s.max_assign)
-        order = np.argsort(c, kind="stable")
-        r, c, best = r[order], c[order], best[order]
-        bounds = np.searchsorted(c, np.arange(k + 1))
-        for cc in range(k):
-            lo, hi = int(bounds[cc]), int(bounds[cc + 1])
-            if lo == hi:
-                continue
-            sel = r[lo:hi]
-            spill.add(cc, pos[sel], raw[sel], home[sel] & best[lo:hi])
+        counts += np.bincount(c, minlength=k)
+        if not single:  # the copies the later passes spill
+            later = c >= first[1]
+            rec = np.empty(int(later.sum()), _ASSIGN_DTYPE)
+            rec["r"], rec["c"], rec["best"] = r[later], c[later], best[later]
+            run.scratch.write(assign_dir / f"{b:06d}.bin", [rec], append=False)
+        _spill_block(spill, pos, raw, home, r, c, best, k, first)
     spill.close()
-    run.tick("split assign + spill", time.perf_counter() - t1)
-    children = [_DiskCell(d, cell.dim, cell.storage_dtype) for d in spill.dirs]
+    t2 = time.perf_counter()
+    run.tick("split assign + spill", t2 - t1)
     run.split_in += cell.n
-    run.split_out += sum(c.n for c in children)
-    return children
+    run.split_out += int(counts.sum())
+    run.passes += 1
+    if single and parent is not None:
+        _remove_rows(parent, run)
+    yield from _children(spill, cell, first)
+    if single:
+        return
+    # Later passes: the true sizes are known now; the cells of the first pass are gone.
+    for lo, hi in _plan(counts * row_bytes, max(0, run.scratch.budget - run.scratch.held), start=first[1]):
+        t3 = time.perf_counter()
+        spill = _Spill(root, k, run.scratch)
+        for b, (pos, raw, home) in enumerate(cell.blocks(_BLOCK_ROWS)):
+            path = assign_dir / f"{b:06d}.bin"
+            rec = np.fromfile(path, dtype=_ASSIGN_DTYPE)
+            mine = (rec["c"] >= lo) & (rec["c"] < hi)
+            rec = rec[mine]
+            _spill_block(spill, pos, raw, home, rec["r"].astype(np.int64), rec["c"].astype(np.int64), rec["best"], k, (lo, hi))
+            if hi >= k:
+                run.scratch.remove(path)  # the last pass has read it
+        spill.close()
+        run.passes += 1
+        run.tick("split assign + spill", time.perf_counter() - t3)
+        if hi >= k:
+            run.scratch.remove(assign_dir)
+            if parent is not None:
+                _remove_rows(parent, run)
+        yield from _children(spill, cell, (lo, hi))
+
+
+def _plan(nbytes: np.ndarray, room: int, *, start: int = 0) -> list[tuple[int, int]]:
+    """Consecutive ranges of cells from ``start`` whose bytes fit ``room`` (at least one cell
+    each, however large: a cell cannot be split across passes)."""
+    k = nbytes.shape[0]
+    out: list[tuple[int, int]] = []
+    lo, used = start, 0.0
+    for c in range(start, k):
+        if c > lo and used + float(nbytes[c]) > room:
+            out.append((lo, c))
+            lo, used = c, 0.0
+        used += float(nbytes[c])
+    out.append((lo, k))
+    return out
+
+
+def _spill_block(
+    spill: _Spill, pos: np.ndarray, raw: np.ndarray, home: np.ndarray,
+    r: np.ndarray, c: np.ndarray, best: np.ndarray, k: int, span: tuple[int, int],
+) -> None:  # fmt: skip
+    """Append a block's copies whose cell is in ``span`` to their cells."""
+    lo, hi = span
+    order = np.argsort(c, kind="stable")
+    r, c, best = r[order], c[order], best[order]
+    bounds = np.searchsorted(c, np.arange(k + 1))
+    for cc in range(lo, hi):
+        a, b = int(bounds[cc]), int(bounds[cc + 1])
+        if a == b:
+            continue
+        sel = r[a:b]
+        spill.add(cc, pos[sel], raw[sel], home[sel] & best[a:b])
+
+
+def _children(spill: _Spill, cell: _Cell, span: tuple[int, int]) -> Iterator[_DiskCell]:
+    for c in range(*span):
+        child = _DiskCell(spill.dirs[c], cell.dim, cell.storage_dtype)
+        if child.n:
+            yield child
+
+
+def _remove_rows(directory: Path, run: _Run) -> None:
+    """A split cell's own rows, once every pass has read them (its children stay)."""
+    for name in ("pos.bin", "vec.bin", "home.bin"):
+        run.scratch.remove(directory / name)
 
 
 def _search_in_memory(cell: _Cell, run: _Run) -> None:
@@ -580,10 +759,9 @@ def _search_in_memory(cell: _Cell, run: _Run) -> None:
         edges = np.concatenate(found)
         _, first = np.unique(edges["i"] * run.n + edges["j"], return_index=True)
         path = run.edge_dir / f"part-{run.cells:06d}.npy"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, edges[first])
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.save(buf, edges[first])
+        run.scratch.write(path, [buf.getbuffer()], append=False)
     if run.progress is not None:
         run.progress(int(home.sum()))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -32,7 +33,7 @@ from dedup._version import __version__
 from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
-from dedup.config import RunConfig, save_config
+from dedup.config import EmbedModel, RunConfig, save_config
 from dedup.decisions import apply_decisions, load_decisions, review_section
 from dedup.errors import ConfigError, OutputError, SourceError
 from dedup.executors.base import Executor, Markers, merge_stats
@@ -41,7 +42,7 @@ from dedup.featurize import SCHEMA, FeatureStep
 from dedup.store import Catalog, index_dir, index_lock, open_index, write_index
 from dedup.manifest import Manifest, write_keep_list, write_manifest
 from dedup.second_look import RegionFiles, load_trims, second_look
-from dedup.partition import VectorFiles
+from dedup.partition import PartitionSettings, VectorFiles
 from dedup.report import build_report, write_report_pages
 from dedup.rows import FeatureRows, as_rows
 from dedup.search import (
@@ -69,7 +70,7 @@ RUN_LOCK = ".lock"  # flock(2) of OUT while a run writes into it
 _IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER})
 
 
-@output_errors("out")  # a full disk or read-only --out: OutputError, not a traceback
+@output_errors("out", "work")  # a full disk or read-only --out: OutputError, not a traceback
 def run(
     sources: Sequence[str],
     out: str | Path,
@@ -79,8 +80,14 @@ def run(
     progress: ProgressFactory | None = None,
     against: Sequence[str | Path] = (),
     decisions: Sequence[str | Path] = (),
+    work: str | Path | None = None,
+    disk_check: bool = True,
 ) -> RunResult:
     """Deduplicate ``sources`` into ``out``; resumes from the checkpoints of an earlier run.
+
+    ``work``: where every scratch file goes (the per-shard checkpoints and the partitioned
+    search's spill; default ``OUT/.work``), e.g. another disk. ``disk_check``: estimate the disk
+    the run needs from its input first and refuse (OutputError) when free space is short.
 
     ``against``: evaluation sets to decontaminate from: output folders of ``dedup run`` over
     them (their indexes), each as ``PATH`` or ``NAME=PATH``. Every training sample that copies
@@ -97,8 +104,11 @@ def run(
         refuse_mixed_vectors(None, vector_kinds(shards, cfg), where="")
         for ev in evals:
             check_compatible(cfg, ev)
+        work_root = Path(work) if work is not None else out_dir / WORK_DIR
+        work = work_root / cfg.stage_key()
+        if disk_check:
+            check_free_space(estimate_disk(shards, cfg, work, out_dir), out_dir, work_root)
         save_config(cfg, out_dir / "config.json")
-        work = out_dir / WORK_DIR / cfg.stage_key()
         # The rows stay in their per-shard checkpoints: the global stage reads the columns each
         # step needs, a row group at a time where it can (dedup.rows).
         rows, vectors, per_shard = featurize(shards, work, cfg, executor=executor, progress=prog, lazy=True)
@@ -121,6 +131,8 @@ def run(
                 evals=evals,
                 decisions=[Path(d) for d in decisions],
                 executor=executor,
+                search_dir=work_root / "search",
+                stored_vectors=VectorFiles([FeatureStep(config=cfg, out_dir=work / FEATURES).paths(s)[1] for s in shards]),
             )
 
 
@@ -255,6 +267,8 @@ def finish(
     evals: Sequence[EvalSet] = (),
     decisions: Sequence[Path] = (),
     executor: Executor | None = None,
+    search_dir: Path | None = None,
+    stored_vectors: Any = None,
 ) -> RunResult:
     """The global stages over all features: search, cluster, select, and every output.
 
@@ -272,7 +286,8 @@ def finish(
     """
     rows = as_rows(table)
     timer = PhaseLog()
-    edges, levels = find_edges(rows, vectors, cfg, progress=progress, work_dir=out_dir / WORK_DIR / "search")
+    search_dir = search_dir if search_dir is not None else out_dir / WORK_DIR / "search"
+    edges, levels = find_edges(rows, vectors, cfg, progress=progress, work_dir=search_dir)
     timer.done("search")
     if shards is not None and (cfg.search.verify_from >= 0 or cfg.search.partial):
         # Uncertain and partial-copy candidates, confirmed on the re-read images (dedup.second_look).
@@ -314,7 +329,10 @@ def finish(
         write_manifest(manifest, out_dir / "manifest.parquet")
         write_keep_list(manifest, out_dir / "keep.parquet")
         timer.done("write manifest")
-        write_index(index_dir(out_dir), rows, vectors, labels, cfg, catalog=catalog, embedding_model=_index_model(shard_stats, vectors, cfg))
+        # The index stores the vectors as the checkpoints hold them (hard links where it can):
+        # ``stored_vectors`` are those files when ``vectors`` were read into memory.
+        stored = stored_vectors if stored_vectors is not None else vectors
+        write_index(index_dir(out_dir), rows, stored, labels, cfg, catalog=catalog, embedding_model=_index_model(shard_stats, vectors, cfg))
         timer.done("write index")
         report = build_report(manifest, edges, levels, cfg, shard_stats=shard_stats, embedding_label=embedding_label)
         if evals:
@@ -453,3 +471,133 @@ def _prepare_out(out_dir: Path) -> None:
     remove_stale_temps(out_dir)  # temp files of killed runs (their process is gone)
     if not stamp.exists():
         atomic_write_text(stamp, json.dumps({"tool": "dedup", "version": __version__}) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Disk: what a run will need, known before it starts
+# --------------------------------------------------------------------------------------------
+
+# Bytes per sample beside its vector, measured on bench/scale.py's outputs (ids, URL, caption):
+# the checkpoint's parquet row, and manifest + keep list + index/samples.parquet together.
+_ROW_BYTES = 60
+_OUTPUT_ROW_BYTES = 160
+_IMAGE_BYTES = 16_000  # an image in a tar / parquet shard whose rows are not counted (LAION's ~256 px JPEGs are larger)
+_IMAGE_DIM = 512  # SSCD and its distilled student
+
+
+@dataclass(frozen=True, slots=True)
+class DiskEstimate:
+    """What a run will write, in bytes: per-shard checkpoints still to write, the partitioned
+    search's scratch at its peak, and the outputs (manifest, keep list, report, index)."""
+
+    checkpoints: int
+    scratch: int
+    outputs: int
+    samples: int
+
+    @property
+    def total(self) -> int:
+        return self.checkpoints + max(self.scratch, 0) + self.outputs
+
+
+def estimate_disk(shards: Sequence[Shard], cfg: RunConfig, work: Path, out_dir: Path) -> DiskEstimate:
+    """The disk a run over ``shards`` needs, from its input alone (headers, row counts, file
+    sizes); shards already checkpointed under ``work`` cost nothing again. Precomputed
+    embeddings are counted exactly (their ``.npy`` headers); images by the number of files (a
+    folder) or by size (a tar or parquet: ~16 kB an image): an estimate, for a refusal that
+    comes before hours of work, not an accounting."""
+    from dedup.sources._embeddings import read_header
+
+    step = FeatureStep(config=cfg, out_dir=work / FEATURES)
+    markers = Markers(work / "done", outputs=step.paths)
+    samples = vectors = todo = 0
+    for shard in shards:
+        rows, width = _shard_rows(shard, cfg, read_header)
+        samples += rows
+        vectors += rows * width
+        if markers.read(shard) is None:
+            todo += rows * (width + _ROW_BYTES)
+    scratch = 0
+    if samples > cfg.search.partition_above:
+        scratch = int(PartitionSettings().scratch_ratio * vectors) + 24 * samples  # spill + edge parts
+    outputs = _OUTPUT_ROW_BYTES * samples + _index_vector_bytes(vectors, work, out_dir)
+    return DiskEstimate(checkpoints=todo, scratch=scratch, outputs=outputs, samples=samples)
+
+
+def _shard_rows(shard: Shard, cfg: RunConfig, read_header: Any) -> tuple[int, int]:
+    """``(rows, vector bytes a row)`` of a shard, estimated."""
+    if shard.kind is ShardKind.EMBEDDINGS:
+        try:
+            h = read_header(shard)
+        except Exception:  # noqa: BLE001 - a damaged file is a failed row later, not a refusal now
+            return 1, 0
+        return int(h.rows), int(h.dim) * (2 if h.dtype == np.float16 else 4)  # checkpoints keep float16
+    width = 0 if cfg.embed.model is EmbedModel.NONE else _IMAGE_DIM * 4
+    if shard.members:
+        return len(shard.members), width
+    try:
+        size = os.path.getsize(shard.path)
+    except OSError:  # remote, or gone: nothing to go on
+        return 0, width
+    if shard.kind is ShardKind.LAION_METADATA:
+        return max(1, size // 100), 0
+    return max(1, size // _IMAGE_BYTES), width
+
+
+def _index_vector_bytes(vectors: int, work: Path, out_dir: Path) -> int:
+    """The index's copy of the vectors: none where it can hard-link the checkpoints (the same
+    file system), else one copy."""
+    try:
+        same = os.stat(_existing(work)).st_dev == os.stat(_existing(out_dir)).st_dev
+    except OSError:
+        same = False
+    return 0 if same and _INDEX_LINKS else vectors
+
+
+_INDEX_LINKS = True  # the index hard-links the checkpoints' vectors (see dedup.store)
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(need: DiskEstimate, out_dir: Path, work_root: Path) -> None:
+    """Refuse a run the free space cannot hold, with the numbers and what to do.
+
+    Raises:
+        OutputError: the estimate exceeds the free space of OUT (or of ``--work`` when it is
+        on another file system).
+    """
+    out_free = shutil.disk_usage(_existing(out_dir)).free
+    work_free = shutil.disk_usage(_existing(work_root)).free
+    try:
+        same = os.stat(_existing(out_dir)).st_dev == os.stat(_existing(work_root)).st_dev
+    except OSError:
+        same = True
+    gb = 1e9
+    parts = f"checkpoints {need.checkpoints / gb:.2f} GB, search scratch {need.scratch / gb:.2f} GB, outputs {need.outputs / gb:.2f} GB"
+    hint = (
+        "hint: free space, or put the checkpoints and the search scratch on another disk with "
+        "--work DIR (--no-disk-check runs anyway)"
+    )
+    if same:
+        total = need.checkpoints + need.scratch + need.outputs
+        if total > out_free:
+            raise OutputError(
+                f"not enough free disk: this run of {need.samples:,} samples needs about {total / gb:.2f} GB "
+                f"in {out_dir} ({parts}) and {out_free / gb:.2f} GB are free; {hint}"
+            )
+        return
+    scratch = need.checkpoints + need.scratch
+    if scratch > work_free:
+        raise OutputError(
+            f"not enough free disk: this run of {need.samples:,} samples needs about {scratch / gb:.2f} GB "
+            f"in --work {work_root} ({parts}) and {work_free / gb:.2f} GB are free; {hint}"
+        )
+    if need.outputs > out_free:
+        raise OutputError(
+            f"not enough free disk: this run of {need.samples:,} samples needs about {need.outputs / gb:.2f} GB "
+            f"in {out_dir} for its outputs and {out_free / gb:.2f} GB are free; hint: free space or pick another --out"
+        )

@@ -10,11 +10,17 @@ Layout of ``OUT/index/``, versioned by ``meta.json``'s ``format`` (:data:`FORMAT
                        the resolved config, and the sources in index order (as given, resolved)
     samples.parquet    one row per sample, in index order: every column of featurize.SCHEMA
                        (ids, metadata, status, hashes, has_image, embedded, meta) + cluster_id
-                       and emb_row (the sample's row in embeddings.npy, -1 if not embedded)
+                       and emb_row (the sample's row in the vectors, -1 if not embedded)
     shards.parquet     one row per shard included, in index order: shard_id, source_index,
                        source, path, kind, stamp, members, rows, embedded, stats (JSON)
-    embeddings.npy     float32 (n_embedded, dim), in the order of the embedded samples
-    embeddings.faiss   a faiss inner-product index over the same vectors (faiss id = emb_row)
+    vectors-<gen>/     the embeddings, stored once: ``NNNNNN.npy`` parts (meta.json's
+                       ``vector_parts``: name and rows, in the order of the embedded samples),
+                       each as the checkpoint stored it (float16 input stays float16, read as
+                       float32 unit rows by dedup.partition.unit32) and, where the file system
+                       allows, a hard link to that checkpoint: no second copy on disk. A new
+                       generation writes a new folder; the old one goes once meta.json names
+                       the new. The flat faiss index ``check`` and ``query`` search is built
+                       from them when the index is opened (at most search.partition_above).
     pdq.faiss          a faiss binary index of the ok images' PDQ hashes (faiss id = sample row)
     phash.faiss        the same for pHash, when pHash is computed
     .lock              flock(2): shared while a reader loads, exclusive while a writer writes
@@ -51,14 +57,15 @@ from dedup.errors import DedupError, IndexBusyError, IndexConflictError, IndexUn
 from dedup.rows import FeatureRows, as_rows
 from dedup.signals import hash_codes
 
-FORMAT = 2
+FORMAT = 3  # 3: vectors stored once, as parts (hard links to the checkpoints)
 INDEX_DIR = "index"
 LOCK_NAME = ".lock"
 META = "meta.json"
 SAMPLES = "samples.parquet"
 SHARDS = "shards.parquet"
-EMBEDDINGS = "embeddings.npy"
-EMBEDDINGS_FAISS = "embeddings.faiss"
+EMBEDDINGS = "embeddings.npy"  # format 2's float32 copy (removed when a format 3 index is written)
+EMBEDDINGS_FAISS = "embeddings.faiss"  # format 2's flat index (likewise)
+VECTORS_PREFIX = "vectors-"
 PDQ_FAISS = "pdq.faiss"
 PHASH_FAISS = "phash.faiss"
 EXTRA_COLUMNS = ("cluster_id", "emb_row")  # samples.parquet's columns beyond featurize.SCHEMA
@@ -221,23 +228,8 @@ def write_index(
     emb_row = np.empty(0, np.int64)  # written: free it while the rest is
     with atomic_path(directory / SHARDS) as tmp:
         pq.write_table(_shards_table(catalog), tmp, compression="zstd")
-    # Too many embeddings to hold (dedup.partition.VectorFiles, issue 8): streamed to the same
-    # float32 .npy a block at a time, and no flat faiss copy (it would need them all in memory).
-    streamed = not isinstance(vectors, np.ndarray) and hasattr(vectors, "write_npy")
-    if not streamed:
-        vectors = np.ascontiguousarray(vectors, np.float32)
-    with atomic_path(directory / EMBEDDINGS) as tmp:
-        with open(tmp, "wb") as fh:
-            if streamed:
-                vectors.write_npy(fh)
-            else:
-                np.save(fh, vectors)
-    if not streamed and vectors.ndim == 2 and vectors.shape[0]:
-        index = faiss.IndexFlatIP(int(vectors.shape[1]))
-        index.add(vectors)
-        write_faiss(directory / EMBEDDINGS_FAISS, index)
-    else:
-        (directory / EMBEDDINGS_FAISS).unlink(missing_ok=True)  # never leave an older run's
+    generation = int(previous.get("generation", 0)) + 1
+    parts, dim, n_vectors = write_vectors(directory / f"{VECTORS_PREFIX}{generation:06d}", vectors, catalog)
     ok_image = rows.equals("status", "ok") & rows.flags("has_image")
     pdq_rows, pdq_codes = hash_codes(rows, "pdq", ok_image)
     _write_binary(directory / PDQ_FAISS, pdq_rows, pdq_codes)
@@ -246,18 +238,101 @@ def write_index(
     meta = {
         "format": FORMAT,
         "dedup_version": __version__,
-        "generation": int(previous.get("generation", 0)) + 1,
+        "generation": generation,
         "model": embedding_model or cfg.embed.model.value,
         "input_size": cfg.embed.size,
-        "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
+        "dim": dim,
         "samples": rows.num_rows,
-        "embedded": int(vectors.shape[0]),
+        "embedded": n_vectors,
+        "vectors": f"{VECTORS_PREFIX}{generation:06d}",
+        "vector_parts": parts,
         "shards": len(catalog.shards),
         "stage_key": cfg.stage_key(),
         "sources": [{"source": s.source, "resolved": s.resolved} for s in catalog.sources],
         "config": to_dict(cfg),
     }
     atomic_write_text(directory / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _remove_stale_vectors(directory, keep=str(meta["vectors"]))
+
+
+def write_vectors(folder: Path, vectors: Any, catalog: Catalog) -> tuple[list[list[Any]], int, int]:
+    """The embeddings as parts in ``folder`` (made afresh): ``([name, rows] per part, dim, rows)``.
+
+    From a :class:`~dedup.partition.VectorFiles` (a run's checkpoints, or an index's parts and
+    new checkpoints for an add), each whole file becomes a part: hard-linked where the file
+    system allows (no byte copied), else copied as stored; a piece of a file is copied. An
+    array (small inputs, read into memory) is written a part per catalog shard, as float32.
+    """
+    from dedup.partition import VectorFiles
+
+    if folder.exists():
+        _rmtree(folder)
+    folder.mkdir(parents=True)
+    parts: list[list[Any]] = []
+    if isinstance(vectors, VectorFiles):
+        for f, path in enumerate(vectors.paths):
+            start = vectors.starts[f]
+            count = int(vectors.offsets[f + 1] - vectors.offsets[f])
+            name = f"{f:06d}.npy"
+            whole = start == 0 and _npy_rows(path) == count
+            if not (whole and _link(path, folder / name)):
+                with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
+                    VectorFiles([(path, start, start + count)]).write_npy(fh, dtype=vectors.storage_dtype)
+            parts.append([name, count])
+        return parts, vectors.dim, len(vectors)
+    array = np.asarray(vectors)
+    if array.ndim != 2 or not array.shape[0]:
+        return parts, int(array.shape[1]) if array.ndim == 2 else 0, 0
+    sizes = [e.embedded for e in catalog.shards if e.embedded]
+    if sum(sizes) != array.shape[0]:
+        sizes = [int(array.shape[0])]
+    start = 0
+    for f, size in enumerate(sizes):
+        name = f"{f:06d}.npy"
+        with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array[start : start + size], np.float32))
+        parts.append([name, size])
+        start += size
+    return parts, int(array.shape[1]), int(array.shape[0])
+
+
+def vector_files(directory: Path, meta: dict[str, Any]) -> Any:
+    """The index's vectors as a :class:`~dedup.partition.VectorFiles` (nothing read yet)."""
+    from dedup.partition import VectorFiles
+
+    folder = directory / str(meta.get("vectors", ""))
+    return VectorFiles([folder / name for name, _ in meta.get("vector_parts", [])])
+
+
+def _npy_rows(path: Path) -> int:
+    from dedup.partition import _npy_shape
+
+    shape, _ = _npy_shape(path)
+    return int(shape[0]) if shape else 0
+
+
+def _link(src: Path, dst: Path) -> bool:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links there
+        return False
+    return True
+
+
+def _rmtree(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_stale_vectors(directory: Path, *, keep: str) -> None:
+    """Earlier generations' vector folders (and format 2's single copy), once meta.json names
+    the new one; an interrupted write's folder too."""
+    for path in directory.iterdir():
+        if path.name.startswith(VECTORS_PREFIX) and path.name != keep and path.is_dir():
+            _rmtree(path)
+    for name in (EMBEDDINGS, EMBEDDINGS_FAISS):
+        (directory / name).unlink(missing_ok=True)
 
 
 def write_faiss(path: Path, index: Any) -> None:
@@ -313,7 +388,7 @@ class Index:
     config: RunConfig
     catalog: Catalog
     samples: pa.Table  # the columns asked for (none: zero columns, but num_rows rows)
-    vectors: np.ndarray | None  # embeddings.npy, when asked for
+    vectors: np.ndarray | None  # the vectors (float32 unit rows), when asked for
     embeddings: Any = None  # faiss.Index, when asked for and present
     pdq: Any = None  # faiss.IndexBinary (ids: sample rows), when asked for and present
     phash: Any = None
@@ -336,7 +411,7 @@ def open_index(
 ) -> Index:
     """Read the index of the output folder ``out`` under a shared lock (never writing a byte).
 
-    ``columns``: the samples.parquet columns to load (None: all); ``vectors``: embeddings.npy;
+    ``columns``: the samples.parquet columns to load (None: all); ``vectors``: the vectors;
     ``search``: the faiss indexes (embeddings, PDQ, pHash).
 
     Raises:
@@ -376,11 +451,16 @@ def read_index(
         config = from_dict(RunConfig, meta["config"])
         catalog = _read_catalog(directory, meta)
         samples = pq.read_table(directory / SAMPLES, columns=None if columns is None else list(columns))
-        emb = np.load(directory / EMBEDDINGS) if vectors else None
+        files = vector_files(directory, meta) if (vectors or search) else None
+        emb = np.asarray(files) if vectors and files is not None and len(files) else None
+        if vectors and emb is None:
+            emb = np.zeros((0, int(meta.get("dim") or 0)), np.float32)
         embeddings = pdq = phash = None
         if search:
-            if (directory / EMBEDDINGS_FAISS).is_file():
-                embeddings = faiss.read_index(str(directory / EMBEDDINGS_FAISS))
+            if files is not None and 0 < len(files) <= config.search.partition_above:
+                # Built here, not stored: a flat index is a second float32 copy of the vectors.
+                embeddings = faiss.IndexFlatIP(files.dim)
+                embeddings.add(emb if emb is not None else np.asarray(files))
             if (directory / PDQ_FAISS).is_file():
                 pdq = faiss.read_index_binary(str(directory / PDQ_FAISS))
             if (directory / PHASH_FAISS).is_file():

@@ -29,13 +29,17 @@ from dedup.store import (
 )
 
 FAST = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
-OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json", "index/samples.parquet", "index/embeddings.npy")
+OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json", "index/samples.parquet")
 runner = CliRunner()
 
 
 def _same_outputs(a: Path, b: Path) -> None:
     for name in OUTPUTS:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    from dedup.store import open_index as open_store
+
+    va, vb = open_store(a, vectors=True).vectors, open_store(b, vectors=True).vectors
+    assert va is not None and vb is not None and va.dtype == vb.dtype and np.array_equal(va, vb)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -158,10 +162,14 @@ def test_index_layout(sample_images_dir: PlantedDataset, tmp_path: Path) -> None
     out = tmp_path / "out"
     run([str(root)], out, config=FAST)
     d = out / "index"
-    for name in ("meta.json", "samples.parquet", "shards.parquet", "embeddings.npy", "embeddings.faiss", "pdq.faiss", ".lock"):
+    for name in ("meta.json", "samples.parquet", "shards.parquet", "pdq.faiss", ".lock"):
         assert (d / name).is_file(), name
     meta = json.loads((d / "meta.json").read_text())
-    assert meta["format"] == FORMAT == 2
+    assert meta["format"] == FORMAT == 3
+    parts = [d / meta["vectors"] / name for name, _ in meta["vector_parts"]]
+    assert parts and all(p.is_file() for p in parts) and not (d / "embeddings.npy").exists()
+    # stored once: each part is the shard's checkpoint, hard-linked
+    assert all(p.stat().st_nlink == 2 for p in parts)
     assert meta["samples"] == len(truth) and meta["shards"] == 4
     assert meta["sources"] == [{"source": str(root), "resolved": str(root.resolve())}]
     assert meta["config"]["embed"]["model"] == "sscd_distilled" and meta["stage_key"] == FAST.stage_key()
@@ -197,7 +205,7 @@ def test_unreadable_indexes(sample_images_dir: PlantedDataset, tmp_path: Path) -
     meta_path = out / "index" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format": 1}))
-    with pytest.raises(IndexUnreadableError, match=r"has format 1; this dedup .* reads format 2; hint: rebuild"):
+    with pytest.raises(IndexUnreadableError, match=r"has format 1; this dedup .* reads format 3; hint: rebuild"):
         open_index(out)
 
 

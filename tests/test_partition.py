@@ -163,3 +163,26 @@ def test_components_ids_are_min_rows_with_repeated_links() -> None:
     j = np.array([6, 6, 5, 4] + [9] * 300, np.int64)
     labels = components(10, Edges.of(i, j, np.ones(i.size, np.float32), Signal.EMBEDDING))
     assert labels.tolist() == [0, 1, 2, 3, 3, 1, 1, 7, 8, 8]
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_scratch_stays_within_its_budget_in_passes_with_the_same_edges(tmp_path: Path, deep: bool) -> None:
+    """A small scratch budget writes each split in several passes (a range of cells each) and
+    deletes every level once read: the same edges as one pass, the peak under the budget
+    (up to one cell), float16 spilled as float16."""
+    x, _ = structured(8000, 800, seed=5, dim=64)
+    half = x.astype(np.float16)
+    base = dataclasses.replace(SMALL, cell_rows=700) if deep else SMALL
+    roomy: dict[str, int] = {}
+    one, _ = partitioned_edges(half, threshold=T, work_dir=tmp_path / "a", settings=dataclasses.replace(base, scratch_ratio=50.0), stats=roomy)
+    tight: dict[str, int] = {}
+    many, _ = partitioned_edges(half, threshold=T, work_dir=tmp_path / "b", settings=dataclasses.replace(base, scratch_ratio=0.4), stats=tight)
+    assert tight["split_passes"] > roomy["split_passes"]
+    assert np.array_equal(one.i, many.i) and np.array_equal(one.j, many.j) and np.array_equal(one.score, many.score)
+    vectors = 8000 * 64 * 2
+    assert tight["scratch_budget_bytes"] == int(0.4 * vectors)
+    # at most one cell (~2 partitions of 256 rows with copies) over the budget
+    assert tight["scratch_peak_bytes"] <= 0.4 * vectors + 3 * 512 * (8 + 64 * 2 + 1), tight
+    # float16 rows are spilled as float16: the bytes written are what the copies take as stored
+    assert roomy["scratch_written_bytes"] < 8000 * roomy["split_replication"] * (8 + 64 * 2 + 1) * (2 if deep else 1) + 2e6
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -61,7 +61,7 @@ def test_outputs_and_report(sample_images_dir: PlantedDataset, tmp_path: Path) -
     out = tmp_path / "out"
     run([str(root)], out, config=FAST)
     for name in ("manifest.parquet", "keep.parquet", "report.json", "report.html", "config.json",
-                 "index/meta.json", "index/samples.parquet", "index/embeddings.npy", "index/embeddings.faiss"):
+                 "index/meta.json", "index/samples.parquet"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     m = _manifest(out)
@@ -75,7 +75,10 @@ def test_outputs_and_report(sample_images_dir: PlantedDataset, tmp_path: Path) -
     keep = pq.read_table(out / "keep.parquet")
     assert {"url", "caption"} <= set(keep.column_names)
     assert keep.num_rows == s["kept"]
-    emb = np.load(out / "index" / "embeddings.npy")
+    from dedup.store import open_index
+
+    emb = open_index(out, vectors=True).vectors
+    assert emb is not None
     assert emb.shape == (s["ok"], 512)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
 

@@ -134,7 +134,10 @@ def test_scores_match_a_fresh_embedding(result_and_out, demo_out: Path, generati
     assert embedder is not None
     path = next(generations.glob("copy_0000011_*.png"))
     vec = embedder.embed(embedder.preprocess(decode(path.read_bytes(), max_pixels=10**8))[None])[0]
-    emb = np.load(demo_out / "index" / "embeddings.npy")
+    from dedup.store import open_index as open_store
+
+    emb = open_store(demo_out, vectors=True).vectors
+    assert emb is not None
     scores = emb @ vec
     order = np.argsort(-scores, kind="stable")[:5]
     ids = pl.from_arrow(idx.samples).filter(pl.col("emb_row") >= 0).sort("emb_row")["sample_id"].to_list()
