@@ -288,6 +288,11 @@ def _as_str(value: Any) -> str | None:
     return clean_text(str(value))
 
 
+def key_text(value: Any) -> str | None:
+    """A ``key`` value (column or json field) as the readers spell it in sample ids."""
+    return _as_str(value)
+
+
 def _as_int(value: Any) -> int | None:
     """Sizes arrive as int, float (LAION's WIDTH may be float, NaN when unknown) or text."""
     if value is None or isinstance(value, bool):

@@ -91,11 +91,7 @@ def _read_rows(shard: Shard, *, with_images: bool) -> Iterator[Sample]:
                 for i in range(batch.num_rows):
                     record = {name: values[name][i] for name in names}
                     fields = map_fields(record)
-                    key = fields.key if fields.key is not None else f"{row_index:0{_KEY_WIDTH}d}"
-                    sample_id = f"{shard.shard_id}/{key}"
-                    if has_key:
-                        # Only a key column can repeat; row indices cannot.
-                        sample_id = _unique(sample_id, seen)
+                    sample_id, key = row_id(shard.shard_id, fields.key, row_index, seen if has_key else None)
                     data = images[i] if images is not None else None
                     row_index += 1
                     yield _row_sample(sample_id, key, fields, data, with_images=with_images)
@@ -107,6 +103,19 @@ def _read_rows(shard: Shard, *, with_images: bool) -> Iterator[Sample]:
                 DAMAGED_KEY,
                 f"parquet damaged after {row_index} rows: {one_line(str(err))}",
             )
+
+
+def row_id(shard_id: str, key: str | None, row_index: int, seen: set[str] | None) -> tuple[str, str]:
+    """``(sample_id, key)`` of a parquet row: its ``key`` column, else its row index (nine
+    digits, as LAION keys). ``seen`` (the ids so far; None without a key column, whose row
+    indices cannot repeat) makes a repeated key ``key#2``. Shared by the reader and
+    ``dedup apply``, which must name the rows exactly as the run did."""
+    if key is None:
+        key = f"{row_index:0{_KEY_WIDTH}d}"
+    sample_id = f"{shard_id}/{key}"
+    if seen is not None:
+        sample_id = _unique(sample_id, seen)
+    return sample_id, key
 
 
 def _unique(sample_id: str, seen: set[str]) -> str:
