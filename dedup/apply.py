@@ -39,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -53,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dedup import __version__
-from dedup._io import _HOST, atomic_path, atomic_write_text, make_out_dir, output_errors, remove_stale_temps
+from dedup._io import _HOST, atomic_path, atomic_write_bytes, atomic_write_text, make_out_dir, output_errors, remove_stale_temps
 from dedup._progress import ProgressFactory, silent
 from dedup._types import Shard, ShardKind
 from dedup.errors import ConfigError, OutputError, SourceError
@@ -72,7 +73,10 @@ from dedup.sources._common import (
     source_root,
     split_name,
 )
-from dedup.sources._parquet import row_id
+from dedup.sources._hf import DICT as HF_DICT
+from dedup.sources._hf import INFO as HF_INFO
+from dedup.sources._hf import STATE as HF_STATE
+from dedup.sources._parquet import RowCounter, row_id
 from dedup.sources._webdataset import DAMAGE_ERRORS, GroupIds, member_key, sidecar_path
 
 STATE_DIR = ".dedup-apply"  # hidden: `dedup run DEST` and img2dataset readers pass it over
@@ -85,7 +89,14 @@ _BATCH_ROWS = 1024
 # Bump when what apply writes for the same input changes: markers of older applies then redo.
 _WRITER_VERSION = 1
 _WRITABLE = frozenset(
-    {ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.LAION_METADATA, ShardKind.I2D_FILES, ShardKind.FOLDER}
+    {
+        ShardKind.WEBDATASET,
+        ShardKind.I2D_PARQUET,
+        ShardKind.LAION_METADATA,
+        ShardKind.I2D_FILES,
+        ShardKind.FOLDER,
+        ShardKind.HF_DATASET,
+    }
 )
 
 
@@ -365,6 +376,8 @@ def _write_shard(shard: Shard, decision: _Decision, dest: Path, *, link: bool) -
         _write_files(shard, decision, dest, link=link)
     elif shard.kind is ShardKind.FOLDER:
         _write_folder(shard, decision, dest, link=link)
+    elif shard.kind is ShardKind.HF_DATASET:
+        _write_hf_split(shard, decision, dest)
     else:  # _check_writable stops these before anything is written
         raise ConfigError(f"apply cannot write {shard.kind.value} inputs")
 
@@ -644,3 +657,64 @@ def _swap_in(staging: Path, target: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def _write_hf_split(shard: Shard, decision: _Decision, dest: Path) -> None:
+    """A ``save_to_disk`` split: its Arrow files with the kept rows (same names, schema and
+    feature metadata), ``dataset_info.json`` as it was and ``state.json`` with a fingerprint
+    of its own (``datasets`` names its caches after it); the ``dataset_dict.json`` of a
+    ``DatasetDict`` beside the split folders. ``datasets.load_from_disk`` reads the result."""
+    target = _target(dest, shard.shard_id)
+    fs, folder = filesystem(shard.path)
+    staging = dest / STATE_DIR / _STAGING / quote(shard.shard_id, safe="")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    counter = RowCounter()
+    written: set[str] = set()
+    for name in shard.members:
+        with _open(shard, f"{shard.path.rstrip('/')}/{name}") as fh:
+            try:
+                reader = pa.ipc.open_stream(fh)
+            except (pa.ArrowException, OSError, ValueError):
+                continue  # damaged from the start: the run read no row of it
+            has_key = "key" in scalar_columns(reader.schema)
+            with open(staging / name, "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
+                try:
+                    for batch in reader:
+                        keys = column_values(batch.column("key")) if has_key else [None] * batch.num_rows
+                        mask = []
+                        for value in keys:
+                            sample_id, _ = row_id(shard.shard_id, key_text(value), counter.index, counter.seen if has_key else None)
+                            counter.index += 1
+                            mask.append(sample_id in decision.keep)
+                            if mask[-1]:
+                                written.add(sample_id)
+                        writer.write_batch(batch.filter(pa.array(mask, pa.bool_())))
+                except (pa.ArrowException, OSError, ValueError):
+                    pass  # damaged part-way: the run has a failed <damaged> row for the rest
+    _missing(shard, decision, written)
+    for name in (HF_INFO, HF_STATE):
+        try:
+            with fs.open(f"{folder.rstrip('/')}/{name}", "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            continue
+        if name == HF_STATE:
+            state = json.loads(data)
+            old = str(state.get("_fingerprint", ""))
+            state["_fingerprint"] = hashlib.sha256(f"{old}\0{decision.digest(shard, {})}".encode()).hexdigest()[:16]
+            data = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()
+        (staging / name).write_bytes(data)
+    _swap_in(staging, target, dest)
+    # A DatasetDict: its dataset_dict.json sits beside the split folders, inside the input
+    # (never read above a split folder given as the source itself).
+    _, source_path = filesystem(shard.source)
+    if source_path.rstrip("/") == folder.rstrip("/"):
+        return
+    parent = posixpath.dirname(folder.rstrip("/"))
+    try:
+        with fs.open(f"{parent}/{HF_DICT}", "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return
+    atomic_write_bytes(target.parent / HF_DICT, data)

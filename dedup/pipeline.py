@@ -65,7 +65,7 @@ WORK_DIR = ".work"
 FEATURES = "shards"  # the per-shard checkpoints, inside a run's work folder
 REMOVE_LIST = "remove.parquet"  # the dropped duplicates (dedup.manifest.REMOVE_SCHEMA)
 RUN_LOCK = ".lock"  # flock(2) of OUT while a run writes into it
-_IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER})
+_IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER, ShardKind.HF_DATASET})
 
 
 @output_errors("out")  # a full disk or read-only --out: OutputError, not a traceback
