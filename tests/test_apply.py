@@ -411,3 +411,79 @@ def test_apply_img2dataset_parquet_and_files(output_format: str, tmp_path: Path)
             assert stats["count"] == rows.num_rows
     assert _digest(Path(shards)) == before
     assert run([str(tmp_path / "dest-False")], tmp_path / "again", config=FAST).dropped == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets: save_to_disk folders and to_parquet exports, with the real package
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[bytes]]:
+    """A DatasetDict saved with save_to_disk: train (7 rows in 2 Arrow files; row 5 a byte
+    copy of row 1) and test (2 rows; row 1 a byte copy of train row 3)."""
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path_factory.mktemp("hf")
+    images = [encode_jpeg(natural_image(100 + i, (96, 72))) for i in range(8)]
+    train_images = [images[0], images[1], images[2], images[3], images[4], images[1], images[5]]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"), "score": datasets.Value("float32")})
+
+    def split(imgs: list[bytes], tag: str) -> object:
+        rows = {
+            "image": [{"bytes": b, "path": f"{tag}{i}.jpg"} for i, b in enumerate(imgs)],
+            "text": [f"{tag} caption {i}" for i in range(len(imgs))],
+            "score": [float(i) for i in range(len(imgs))],
+        }
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    train, test = split(train_images, "train"), split([images[6], images[3]], "test")
+    train.save_to_disk(str(root / "dict" / "train"), num_shards=2)
+    test.save_to_disk(str(root / "dict" / "test"))
+    (root / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    train.to_parquet(str(root / "export" / "train.parquet"))
+    return root, train_images
+
+
+def test_hf_save_to_disk_is_read_with_pyarrow(hf_saved: tuple[Path, list[bytes]]) -> None:
+    from dedup.sources import discover, read_shard
+
+    root, train_images = hf_saved
+    shards = discover([str(root / "dict")])
+    assert [(s.shard_id, s.kind.value, s.members) for s in shards] == [
+        ("test", "hf-dataset", ("data-00000-of-00001.arrow",)),
+        ("train", "hf-dataset", ("data-00000-of-00002.arrow", "data-00001-of-00002.arrow")),
+    ]
+    samples = list(read_shard(shards[1]))
+    assert [s.sample_id for s in samples] == [f"train/{i:09d}" for i in range(7)]  # row numbers over both files
+    assert [s.data for s in samples] == train_images
+    assert samples[2].caption == "train caption 2" and samples[2].extra == {"score": 2.0}
+    exported = discover([str(root / "export")])
+    assert [s.kind.value for s in exported] == ["img2dataset-parquet"]
+    assert [s.data for s in read_shard(exported[0])] == train_images
+
+
+def test_hf_run_apply_and_filter_with_the_removal_list(hf_saved: tuple[Path, list[bytes]], tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    root, _ = hf_saved
+    before = _digest(root)
+    out = tmp_path / "out"
+    run([str(root / "dict")], out, config=FAST)
+    removed_rows = pq.read_table(out / "remove.parquet").to_pylist()
+    assert {(r["shard"], r["key"]) for r in removed_rows} == {("train", "000000005"), ("train", "000000003")}
+    dest = tmp_path / "dest"
+    apply(out, dest)
+    assert _digest(root) == before
+    loaded = datasets.load_from_disk(str(dest))
+    assert loaded["train"]["text"] == [f"train caption {i}" for i in (0, 1, 2, 4, 6)]
+    assert loaded["test"]["text"] == ["test caption 0", "test caption 1"]
+    assert loaded["train"].features == datasets.load_from_disk(str(root / "dict"))["train"].features
+    # The README's recipe: the same rows, from the original dataset and remove.parquet alone.
+    original = datasets.load_from_disk(str(root / "dict"))
+    removed = pq.read_table(out / "remove.parquet", columns=["shard", "key"]).to_pylist()
+    drop = {split: {int(r["key"]) for r in removed if r["shard"] == split} for split in original}
+    filtered = {
+        split: ds.filter(lambda _, i, s=split: i not in drop[s], with_indices=True) for split, ds in original.items()
+    }
+    for split in original:
+        assert filtered[split]["text"] == loaded[split]["text"]
+        assert [im.tobytes() for im in filtered[split]["image"]] == [im.tobytes() for im in loaded[split]["image"]]

@@ -28,7 +28,7 @@ from dedup.store import (
 )
 
 FAST = RunConfig().with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
-OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json", "index/samples.parquet", "index/embeddings.npy")
+OUTPUTS = ("manifest.parquet", "keep.parquet", "remove.parquet", "report.json", "index/samples.parquet", "index/embeddings.npy")
 runner = CliRunner()
 
 
