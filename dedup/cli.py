@@ -317,16 +317,13 @@ def apply(
 ) -> None:
     """Write the samples a run keeps into a new folder, in the input's own format.
 
-    From the shards you already hold (no download again): webdataset .tar + sidecar .parquet +
-    _stats.json (each kept sample's members in their original order, headers kept), img2dataset
-    parquet and files output, plain image folders (the tree kept). Duplicates are left out, and
-    failed samples too unless --keep-failed. The input is only read. Each shard is written to
-    temporary names, then marked done: a rerun after a kill skips the finished shards and gives
-    the same bytes.
+    From the shards you already hold, so nothing is lost to link rot: webdataset .tar + sidecar .parquet + _stats.json (every member of each kept sample, in the original order, headers kept), img2dataset parquet and files output, image folders (the tree kept), Hugging Face save_to_disk folders. Duplicates are left out, and failed samples too unless --keep-failed.
 
-    To filter a dataset yourself instead, use OUT/remove.parquet (see README).
+    The input is only read. Each shard is written to temporary names, then marked done: after a kill, rerun the same command; finished shards are skipped and the result is byte-identical.
 
-    Example: dedup apply dedup-out/ --to laion-dedup/
+    To filter a dataset yourself instead, use OUT/remove.parquet (README: "Applying the result").
+
+    Example: dedup apply dedup-out/ --to shards-dedup/
     """
     from dedup.apply import apply as run_apply
 
