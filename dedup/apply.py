@@ -290,7 +290,8 @@ def _dest_lock(dest: Path) -> Iterator[None]:
     make_out_dir(dest)
     state = dest / STATE_DIR
     stamp = state / _STAMP
-    if any(dest.iterdir()) and not stamp.is_file():
+    # Only our state folder (a kill before its stamp was written) counts as empty.
+    if any(p.name != STATE_DIR for p in dest.iterdir()) and not stamp.is_file():
         raise OutputError(
             f"--to {dest} is not empty and was not written by dedup apply; hint: pick a new or empty folder"
         )
