@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _data import PlantedDataset, encode_jpeg, make_i2d_dataset, natural_image
+from _data import PlantedDataset, encode_jpeg, make_i2d_dataset, make_image_folder, natural_image
 from typer.testing import CliRunner
 
 from dedup import run
@@ -320,6 +320,24 @@ def test_apply_folder_copy_and_link(sample_images_dir: PlantedDataset, tmp_path:
             assert os.path.samefile(src, dst) == (mode == "link")
             assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
     assert _digest(root) == before  # links share the inode: its mode and mtime are untouched too
+
+
+def test_apply_two_sources_keeps_each_tree_under_its_prefix(tmp_path: Path) -> None:
+    """A run over a folder and a webdataset: DEST/s0/... and DEST/s1/..., and the byte copy
+    of a folder image in the tar (the later source) is left out."""
+    folder = tmp_path / "photos"
+    make_image_folder(folder, 3, copies=(1,), corrupt=0, seed=4)
+    shards = _webdataset(tmp_path / "wds")
+    (folder / "from_tar.jpg").write_bytes(encode_jpeg(natural_image(2, (96, 72))))  # = 00001.tar's 000010000
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    run([str(folder), str(shards)], out, config=FAST)
+    apply(out, dest)
+    written = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and STATE_DIR not in p.parts)
+    kept = _kept(out)
+    assert [k for k, _ in _tar_groups(dest / "s1" / "00001.tar")] == kept["s1/00001.tar"] == ["000010002"]
+    folder_kept = sorted(f"s0/{k}" for shard, keys in kept.items() if shard.startswith("s0/") for k in keys)
+    assert "s0/from_tar.jpg" in folder_kept
+    assert [w for w in written if not w.startswith("s1/")] == folder_kept
 
 
 def test_link_across_file_systems_is_a_clear_error(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
