@@ -86,6 +86,7 @@ _STAMP = "apply.json"
 _LOCK = ".lock"
 _MANIFEST_COLUMNS = ["sample_id", "shard", "status", "keep"]
 _BATCH_ROWS = 1024
+_CODECS = frozenset({"none", "snappy", "gzip", "brotli", "lz4", "zstd"})  # what pyarrow writes
 # Bump when what apply writes for the same input changes: markers of older applies then redo.
 _WRITER_VERSION = 1
 _WRITABLE = frozenset(
@@ -471,11 +472,15 @@ def _write_sidecar(shard: Shard, source: str, decision: _Decision, target: str) 
 
 
 def _codec_of_table_file(fs: Any, path: str) -> str:
+    """The input's compression (its first column chunk's), so the output is written alike."""
     try:
         with fs.open(path, "rb") as fh:
             meta = pq.ParquetFile(fh).metadata
             if meta.num_row_groups and meta.num_columns:
-                return str(meta.row_group(0).column(0).compression).lower()
+                codec = str(meta.row_group(0).column(0).compression).lower()
+                codec = {"uncompressed": "none", "lz4_raw": "lz4"}.get(codec, codec)
+                if codec in _CODECS:
+                    return codec
     except (pa.ArrowException, OSError, ValueError):
         pass
     return "snappy"

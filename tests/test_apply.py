@@ -505,3 +505,15 @@ def test_hf_run_apply_and_filter_with_the_removal_list(hf_saved: tuple[Path, lis
     for split in original:
         assert filtered[split]["text"] == loaded[split]["text"]
         assert [im.tobytes() for im in filtered[split]["image"]] == [im.tobytes() for im in loaded[split]["image"]]
+
+
+def test_hf_parquet_export_applied_stays_a_datasets_parquet(hf_saved: tuple[Path, list[bytes]], tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    root, train_images = hf_saved
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    run([str(root / "export")], out, config=FAST)
+    apply(out, dest)
+    assert pq.read_schema(dest / "train.parquet") == pq.read_schema(root / "export" / "train.parquet")  # features too
+    ds = datasets.Dataset.from_parquet(str(dest / "train.parquet"), cache_dir=str(tmp_path / "cache"))
+    assert ds["text"] == [f"train caption {i}" for i in (0, 1, 2, 3, 4, 6)]  # row 5 copies row 1
+    assert ds.features["image"] == datasets.Image()
