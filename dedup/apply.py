@@ -202,7 +202,7 @@ def _apply(
             totals["failed"] += decision.failed - decision.failed_kept
             digest = decision.digest(shard, options)
             marker = done / f"{quote(shard.shard_id, safe='')}.json"
-            if _marker_matches(marker, digest):
+            if _marker_matches(marker, digest) and _outputs_present(shard, decision, dest):
                 totals["skipped"] += 1
             else:
                 _write_shard(shard, decision, dest, link=link)
@@ -221,6 +221,14 @@ def _apply(
         dropped_duplicates=totals["duplicates"],
         dropped_failed=totals["failed"],
     )
+
+
+def _outputs_present(shard: Shard, decision: _Decision, dest: Path) -> bool:
+    """A marker whose files were deleted since (by hand, a cleaned disk) does not count."""
+    if shard.kind is ShardKind.FOLDER:
+        prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
+        return all((dest / (prefix + rel)).is_file() for rel in shard.members if prefix + clean_text(rel) in decision.keep)
+    return (dest / shard.shard_id).exists()
 
 
 def _marker_matches(marker: Path, digest: str) -> bool:

@@ -210,6 +210,9 @@ def test_rerun_skips_and_gives_the_same_bytes(wds_run: tuple[Path, Path], tmp_pa
     again = apply(out, tmp_path / "a")
     assert (again.written_shards, again.skipped_shards) == (0, 2)
     assert _bytes(tmp_path / "a") == first
+    (tmp_path / "a" / "00001.tar").unlink()  # deleted by hand: its marker no longer counts
+    assert apply(out, tmp_path / "a").written_shards == 1
+    assert _bytes(tmp_path / "a") == first
     apply(out, tmp_path / "b")
     assert _bytes(tmp_path / "b") == first
     # other options: the markers no longer match, every shard is written again
