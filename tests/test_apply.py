@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _data import PlantedDataset, encode_jpeg, make_i2d_dataset, make_image_folder, natural_image
+from _data import PlantedDataset, encode_jpeg, make_i2d_dataset, make_image_folder, make_laion_parquet, natural_image
 from typer.testing import CliRunner
 
 from dedup import run
@@ -341,6 +341,21 @@ def test_apply_two_sources_keeps_each_tree_under_its_prefix(tmp_path: Path) -> N
     folder_kept = sorted(f"s0/{k}" for shard, keys in kept.items() if shard.startswith("s0/") for k in keys)
     assert "s0/from_tar.jpg" in folder_kept
     assert [w for w in written if not w.startswith("s1/")] == folder_kept
+
+
+def test_apply_laion_metadata_writes_the_kept_rows(tmp_path: Path) -> None:
+    rows = [
+        {"URL": "http://a.example/1.jpg", "TEXT": "sunset", "AESTHETIC_SCORE": 5.0},
+        {"URL": "http://a.example/1.jpg/", "TEXT": "something else", "AESTHETIC_SCORE": 6.0},
+        {"URL": "http://c.example/3.jpg", "TEXT": "a dog", "AESTHETIC_SCORE": 1.0},
+    ]
+    make_laion_parquet(tmp_path / "meta" / "part-0.parquet", rows)
+    run([str(tmp_path / "meta")], tmp_path / "out", config=FAST)
+    apply(tmp_path / "out", tmp_path / "dest")
+    kept = pq.read_table(tmp_path / "dest" / "part-0.parquet")
+    assert kept.schema == pq.read_schema(tmp_path / "meta" / "part-0.parquet")
+    assert kept.column("URL").to_pylist() == ["http://a.example/1.jpg", "http://c.example/3.jpg"]
+    assert not (tmp_path / "dest" / "part-0_stats.json").exists()  # no stats in, none out
 
 
 def test_link_across_file_systems_is_a_clear_error(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
