@@ -50,7 +50,7 @@ KEEP_COLUMNS = ("url", "caption", "sample_id", "key", "width", "height")
 REMOVE_SCHEMA = pa.schema(
     [MANIFEST_SCHEMA.field(c) for c in ("sample_id", "source", "shard", "key", "url")]
     + [SCHEMA.field("sha256")]
-    + [MANIFEST_SCHEMA.field(c) for c in ("cluster_id", "duplicate_of", "signal", "similarity")]
+    + [MANIFEST_SCHEMA.field(c) for c in ("cluster_id", "reason", "duplicate_of", "signal", "similarity")]
 )
 
 REASONS = ("unique", "representative", "duplicate", "failed")
@@ -237,10 +237,11 @@ def write_keep_list(manifest: pa.Table | Manifest | Iterable[pa.Table], path: Pa
 def write_remove_list(manifest: Manifest, path: Path) -> None:
     """The dropped duplicates as ``remove.parquet``: :data:`REMOVE_SCHEMA`, in manifest order.
 
-    One row per sample that a run drops as a duplicate (failed samples are not listed: nothing
-    was decided about them), with ``sha256`` of its bytes (32 raw bytes, as in the index), the
-    cluster, the kept sample (``duplicate_of``) and the link that tied it there (``signal``,
-    ``similarity``). Filter a dataset with it by ``key`` (img2dataset's sidecar, a Hugging Face
+    One row per sample that a run drops (failed samples are not listed: nothing was decided
+    about them), with ``sha256`` of its bytes (32 raw bytes, as in the index), the cluster,
+    why (``reason``: ``duplicate``, or ``contaminates:<eval>`` once a run has evaluation
+    sets), the sample it copies (``duplicate_of``: the kept one) and the link that tied it
+    there (``signal``, ``similarity``). Filter a dataset with it by ``key`` (img2dataset's sidecar, a Hugging Face
     dataset's row) or ``sample_id``; written a row group at a time.
     """
 

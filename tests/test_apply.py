@@ -131,7 +131,7 @@ def test_remove_list_lists_the_dropped_duplicates(wds_run: tuple[Path, Path]) ->
     manifest = _manifest(out)
     removed = pq.read_table(out / "remove.parquet")
     assert removed.column_names == [
-        "sample_id", "source", "shard", "key", "url", "sha256", "cluster_id", "duplicate_of", "signal", "similarity"
+        "sample_id", "source", "shard", "key", "url", "sha256", "cluster_id", "reason", "duplicate_of", "signal", "similarity"
     ]  # fmt: skip
     dropped = [r for r in manifest if r["status"] == "ok" and not r["keep"]]
     assert [r["sample_id"] for r in removed.to_pylist()] == [r["sample_id"] for r in dropped]
@@ -142,7 +142,7 @@ def test_remove_list_lists_the_dropped_duplicates(wds_run: tuple[Path, Path]) ->
         assert row["sha256"] == hashlib.sha256(data).digest()
         kept = next(r for r in manifest if r["sample_id"] == row["duplicate_of"])
         assert kept["keep"] and kept["cluster_id"] == row["cluster_id"]
-        assert row["signal"] == "exact_bytes" and row["similarity"] == pytest.approx(1.0)
+        assert row["signal"] == "exact_bytes" and row["similarity"] == pytest.approx(1.0) and row["reason"] == "duplicate"
 
 
 def test_apply_webdataset_reads_back_exactly_the_kept_samples(wds_run: tuple[Path, Path], tmp_path: Path) -> None:
