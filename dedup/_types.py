@@ -16,6 +16,7 @@ class ShardKind(StrEnum):
     FOLDER = "folder"  # a batch of image paths from a plain folder tree
     LAION_METADATA = "laion-metadata"  # parquet of URL, TEXT, ... without image bytes
     EMBEDDINGS = "embeddings"  # clip-retrieval: img_emb/img_emb_K.npy + metadata/metadata_K.parquet
+    HF_DATASET = "hf-dataset"  # Hugging Face datasets save_to_disk: data-*.arrow + state.json (one split)
 
 
 def source_prefix(index: int, n_sources: int) -> str:

@@ -75,7 +75,8 @@ def _summary(result: Any) -> None:
         typer.echo(f"contaminates {name}: {sec['dropped']} training samples dropped ({sec['direct']} direct)")
     out = result.out
     typer.echo(f"manifest: {out / 'manifest.parquet'}")
-    typer.echo(f"keep list: {out / 'keep.parquet'}   report: {out / 'report.html'}")
+    typer.echo(f"keep list: {out / 'keep.parquet'}   removal list: {out / 'remove.parquet'}   report: {out / 'report.html'}")
+    typer.echo(f"next: dedup apply {out} --to <folder>   (writes the kept samples in the input's own format)")
 
 
 @app.command()
@@ -307,6 +308,43 @@ def check(
             typer.echo(line)
     if not result.passed:
         raise typer.Exit(1)
+
+
+@app.command()
+def apply(
+    out: Annotated[Path, typer.Argument(help="The --out folder of a finished `dedup run` (its manifest.parquet and index/ are read).", show_default=False)],
+    to: Annotated[Path, typer.Option("--to", "-t", help="Where to write the kept samples: a new or empty folder, outside the input. Rerunning into it resumes.", show_default=False)],
+    keep_failed: Annotated[bool, typer.Option("--keep-failed/--drop-failed", help="Also write the failed samples (download failures, undecodable images) as the input holds them; by default they are left out with the duplicates.")] = False,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link loose files (img2dataset files output, image folders) instead of copying them; --to must be on the input's file system. Tars and parquet files are always written anew.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write the samples a run keeps into a new folder, in the input's own format.
+
+    From the shards you already hold, so nothing is lost to link rot: webdataset .tar + sidecar .parquet + _stats.json (every member of each kept sample, in the original order, headers kept), img2dataset parquet and files output, image folders (the tree kept), Hugging Face save_to_disk folders. Duplicates are left out, and failed samples too unless --keep-failed.
+
+    The input is only read. Each shard is written to temporary names, then marked done: after a kill, rerun the same command; finished shards are skipped and the result is byte-identical.
+
+    To filter a dataset yourself instead, use OUT/remove.parquet (README: "Applying the result").
+
+    Example: dedup apply dedup-out/ --to shards-dedup/
+    """
+    from dedup.apply import apply as run_apply
+
+    try:
+        result = run_apply(out, to, keep_failed=keep_failed, link=link, progress=_progress_factory(quiet))
+    except DedupError as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        typer.echo("Interrupted: finished shards are kept; rerun the same command to resume.", err=True)
+        raise typer.Exit(130) from None
+    failed = "kept" if keep_failed else "left out"
+    skipped = f" ({result.skipped_shards} already done)" if result.skipped_shards else ""
+    typer.echo(
+        f"{result.kept} of {result.samples} samples written · {result.dropped_duplicates} duplicates left out · "
+        f"failed samples {failed}" + (f" ({result.dropped_failed})" if not keep_failed else "")
+        + f" · {result.shards} shards{skipped}"
+    )
+    typer.echo(f"written to: {result.dest}")
 
 
 index_app = typer.Typer(

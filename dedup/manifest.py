@@ -50,6 +50,13 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 KEEP_COLUMNS = ("url", "caption", "sample_id", "key", "width", "height")
+# The removal list (NeMo Curator / DataComp style): what to take out of a dataset one already
+# holds, keyed by ``key`` (img2dataset's join key) and ``sample_id``, with the evidence.
+REMOVE_SCHEMA = pa.schema(
+    [MANIFEST_SCHEMA.field(c) for c in ("sample_id", "source", "shard", "key", "url")]
+    + [SCHEMA.field("sha256")]
+    + [MANIFEST_SCHEMA.field(c) for c in ("cluster_id", "reason", "duplicate_of", "signal", "similarity")]
+)
 
 REASONS = ("unique", "representative", "duplicate", "failed", "reviewed")
 
@@ -262,3 +269,28 @@ def write_keep_list(manifest: pa.Table | Manifest | Iterable[pa.Table], path: Pa
     schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in KEEP_COLUMNS])
     kept = (t.filter(pc.field("keep")).select(list(KEEP_COLUMNS)) for t in _tables(manifest))
     _GroupWriter(path, schema, compression="zstd").write(kept)
+
+
+def write_remove_list(manifest: Manifest, path: Path) -> None:
+    """The dropped duplicates as ``remove.parquet``: :data:`REMOVE_SCHEMA`, in manifest order.
+
+    One row per sample that a run drops (failed samples are not listed: nothing was decided
+    about them), with ``sha256`` of its bytes (32 raw bytes, as in the index), the cluster,
+    why (``reason``: ``duplicate``, or ``contaminates:<eval>`` once a run has evaluation
+    sets), the sample it copies (``duplicate_of``: the kept one) and the link that tied it
+    there (``signal``, ``similarity``). Filter a dataset with it by ``key`` (img2dataset's sidecar, a Hugging Face
+    dataset's row) or ``sample_id``; written a row group at a time.
+    """
+
+    def dropped() -> Iterator[pa.Table]:
+        start = 0
+        for sample in manifest.rows.batches((*_SAMPLE_COLUMNS, "sha256")):
+            idx = np.arange(start, start + sample.num_rows, dtype=np.int64)
+            start += sample.num_rows
+            mask = manifest.ok[idx] & ~(manifest.keep_row[idx] == idx)
+            if not mask.any():
+                continue
+            rows = manifest.assemble(sample, idx).append_column("sha256", sample.column("sha256"))
+            yield rows.filter(pa.array(mask)).select(REMOVE_SCHEMA.names)
+
+    _GroupWriter(path, REMOVE_SCHEMA, compression="zstd").write(dropped())

@@ -40,7 +40,7 @@ from dedup.executors.base import Executor, Markers, merge_stats
 from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.store import Catalog, index_dir, index_lock, open_index, write_index
-from dedup.manifest import Manifest, write_keep_list, write_manifest
+from dedup.manifest import Manifest, write_keep_list, write_manifest, write_remove_list
 from dedup.second_look import RegionFiles, load_trims, second_look
 from dedup.partition import PartitionSettings, VectorFiles
 from dedup.report import build_report, write_report_pages
@@ -66,8 +66,9 @@ class RunResult:
 
 WORK_DIR = ".work"
 FEATURES = "shards"  # the per-shard checkpoints, inside a run's work folder
+REMOVE_LIST = "remove.parquet"  # the dropped duplicates (dedup.manifest.REMOVE_SCHEMA)
 RUN_LOCK = ".lock"  # flock(2) of OUT while a run writes into it
-_IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER})
+_IMAGE_KINDS = frozenset({ShardKind.WEBDATASET, ShardKind.I2D_PARQUET, ShardKind.I2D_FILES, ShardKind.FOLDER, ShardKind.HF_DATASET})
 
 
 @output_errors("out", "work")  # a full disk or read-only --out: OutputError, not a traceback
@@ -328,6 +329,7 @@ def finish(
     with progress("write outputs", 1, "step") as bar:
         write_manifest(manifest, out_dir / "manifest.parquet")
         write_keep_list(manifest, out_dir / "keep.parquet")
+        write_remove_list(manifest, out_dir / REMOVE_LIST)
         timer.done("write manifest")
         # The index stores the vectors as the checkpoints hold them (hard links where it can):
         # ``stored_vectors`` are those files when ``vectors`` were read into memory.

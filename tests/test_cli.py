@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from dedup.cli import app
 
 runner = CliRunner()
-COMMANDS = ["run", "demo", "download", "report", "query", "check", "index", "review"]
+COMMANDS = ["run", "apply", "demo", "download", "report", "query", "check", "index", "review"]
 FAST = ["--model", "sscd_distilled", "--quiet"]
 
 

@@ -29,7 +29,7 @@ from dedup.store import (
 )
 
 FAST = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
-OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json", "index/samples.parquet")
+OUTPUTS = ("manifest.parquet", "keep.parquet", "remove.parquet", "report.json", "index/samples.parquet")
 runner = CliRunner()
 
 

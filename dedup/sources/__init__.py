@@ -14,6 +14,7 @@ from dedup._types import Sample, Shard, ShardKind
 from dedup.sources._discover import discover
 from dedup.sources._embeddings import read_embeddings
 from dedup.sources._files import folder_samples, read_folder, read_i2d_files
+from dedup.sources._hf import read_hf_dataset
 from dedup.sources._parquet import read_i2d_parquet, read_laion_metadata
 from dedup.sources._webdataset import read_webdataset
 
@@ -26,6 +27,7 @@ _READERS: dict[ShardKind, Callable[[Shard], Iterator[Sample]]] = {
     ShardKind.FOLDER: read_folder,
     ShardKind.LAION_METADATA: read_laion_metadata,
     ShardKind.EMBEDDINGS: read_embeddings,
+    ShardKind.HF_DATASET: read_hf_dataset,
 }
 
 

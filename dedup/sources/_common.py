@@ -478,6 +478,11 @@ def _as_str(value: Any) -> str | None:
     return clean_text(str(value))
 
 
+def key_text(value: Any) -> str | None:
+    """A ``key`` value (column or json field) as the readers spell it in sample ids."""
+    return _as_str(value)
+
+
 def _as_int(value: Any) -> int | None:
     """Sizes arrive as int, float (LAION's WIDTH may be float, NaN when unknown) or text."""
     if value is None or isinstance(value, bool):
@@ -537,13 +542,55 @@ def column_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
 
 
 def image_column(schema: pa.Schema) -> str | None:
-    """The column holding encoded images (img2dataset names it after ``encode_format``)."""
+    """The column holding encoded images: img2dataset names it after ``encode_format``
+    (binary); a Hugging Face ``datasets`` table (``save_to_disk`` Arrow files, ``to_parquet``)
+    has an ``Image`` feature, stored as a ``{bytes, path}`` struct."""
     for ext in IMAGE_EXTENSIONS:
         if ext in schema.names:
             t = schema.field(ext).type
-            if pa.types.is_binary(t) or pa.types.is_large_binary(t) or _is_type(t, "is_binary_view"):
+            if _is_binary(t):
                 return ext
-    return None
+    structs = [f.name for f in schema if _is_image_struct(f.type)]
+    if not structs:
+        return None
+    declared = hf_image_features(schema)
+    return next((name for name in structs if name in declared), structs[0])
+
+
+def hf_image_features(schema: pa.Schema) -> list[str]:
+    """The columns a Hugging Face table's own metadata declares as ``Image`` features."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    if raw is None:
+        return []
+    try:
+        features = json.loads(raw).get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(features, dict):
+        return []
+    return [name for name, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"]
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return bool(pa.types.is_binary(t) or pa.types.is_large_binary(t) or _is_type(t, "is_binary_view"))
+
+
+def _is_image_struct(t: pa.DataType) -> bool:
+    """``datasets.Image``'s storage: ``struct<bytes: binary, path: string>``."""
+    if not pa.types.is_struct(t):
+        return False
+    names = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+    return "bytes" in names and _is_binary(names["bytes"]) and set(names) <= {"bytes", "path"}
+
+
+def image_bytes(column: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """The encoded images of an :func:`image_column` (a struct's ``bytes``; None where absent)."""
+    if pa.types.is_struct(column.type):
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        # A null struct row hides whatever its child holds.
+        return [None if valid is False else data for valid, data in zip(column.is_valid().to_pylist(), column.field("bytes").to_pylist(), strict=True)]
+    return column.to_pylist()
 
 
 def is_sidecar_schema(schema: pa.Schema) -> bool:

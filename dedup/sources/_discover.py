@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from dedup._types import Shard, ShardKind, source_prefix
 from dedup.errors import ConfigError, SourceError
 from dedup.sources._embeddings import discover_embedding_file, discover_embeddings, is_embedding_file
+from dedup.sources._hf import hf_shard, is_hf_split
 from dedup.sources._common import (
     open_input,
     ENVIRONMENT_ERRORS,
@@ -45,6 +46,7 @@ _ParquetKind = ShardKind | Literal["sidecar", "damaged"] | None
 _WHAT_WE_READ = (
     "img2dataset output (webdataset .tar, parquet, files), LAION metadata .parquet, "
     "clip-retrieval embeddings (img_emb/img_emb_K.npy + metadata/metadata_K.parquet), "
+    "Hugging Face datasets (a save_to_disk folder, or its to_parquet export), "
     f"or image files ({', '.join(IMAGE_EXTENSIONS)})"
 )
 
@@ -194,7 +196,13 @@ def _discover_folder(
         if name.isdigit() and _has_image_json_pair(children.get(rel, ())):
             files_dirs.add(rel)
 
+    # Hugging Face save_to_disk splits: data-*.arrow listed in a state.json (a shard each).
+    hf_dirs = sorted(rel for rel in ["", *dirs] if is_hf_split(set(children.get(rel, ()))))
+
     shards: list[Shard] = []
+    for rel in hf_dirs:
+        in_folder = {name: files[f"{rel}/{name}" if rel else name] for name in children.get(rel, ())}
+        shards.append(hf_shard(fs, source, _join(root, rel), prefix + (rel or root_name), in_folder))
     for rel in sorted(tars):
         sidecar = files.get(rel[: -len(".tar")] + ".parquet")
         shards.append(_webdataset_shard(fs, source, _join(root, rel), prefix + rel, files[rel], sidecar))

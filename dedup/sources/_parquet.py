@@ -6,7 +6,8 @@ a batch, never by the file: a LAION metadata part has tens of millions of rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -22,6 +23,7 @@ from dedup.sources._common import (
     column_values,
     failed_sample,
     filesystem,
+    image_bytes,
     image_column,
     is_local,
     map_fields,
@@ -72,8 +74,7 @@ def _read_rows(shard: Shard, *, with_images: bool) -> Iterator[Sample]:
         fh = open_input(fs, path)
     except ENVIRONMENT_ERRORS as err:
         raise open_failure(shard.path, err) from err
-    seen: set[str] = set()
-    row_index = 0
+    rows = RowCounter()
     with fh:
         try:
             parquet = pq.ParquetFile(fh)
@@ -82,30 +83,57 @@ def _read_rows(shard: Shard, *, with_images: bool) -> Iterator[Sample]:
             columns = scalar_columns(schema)
             if image is not None:
                 columns.append(image)
-            has_key = "key" in columns
-            for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-                values = {name: column_values(batch.column(i)) for i, name in enumerate(batch.schema.names)}
-                images = values.pop(image) if image is not None else None
-                names = list(values)
-                for i in range(batch.num_rows):
-                    record = {name: values[name][i] for name in names}
-                    fields = map_fields(record)
-                    key = fields.key if fields.key is not None else f"{row_index:0{_KEY_WIDTH}d}"
-                    sample_id = f"{shard.shard_id}/{key}"
-                    if has_key:
-                        # Only a key column can repeat; row indices cannot.
-                        sample_id = _unique(sample_id, seen)
-                    data = images[i] if images is not None else None
-                    row_index += 1
-                    yield _row_sample(sample_id, key, fields, data, with_images=with_images)
+            batches = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+            yield from batch_samples(shard, schema, batches, with_images=with_images, rows=rows)
         except ENVIRONMENT_ERRORS:
             raise
         except (pa.ArrowException, OSError, ValueError) as err:
             yield failed_sample(
                 f"{shard.shard_id}/{DAMAGED_KEY}",
                 DAMAGED_KEY,
-                f"parquet damaged after {row_index} rows: {one_line(str(err))}",
+                f"parquet damaged after {rows.index} rows: {one_line(str(err))}",
             )
+
+
+@dataclass(slots=True)
+class RowCounter:
+    """Where a shard's row loop is: rows read so far (row-index keys go on across the files
+    of a shard) and the ids given (a repeated ``key`` becomes ``key#2``)."""
+
+    index: int = 0
+    seen: set[str] = field(default_factory=set)
+
+
+def batch_samples(
+    shard: Shard, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *, with_images: bool, rows: RowCounter
+) -> Iterator[Sample]:
+    """The samples of record batches of a table (parquet, or Arrow files of a Hugging Face
+    dataset): scalar columns are metadata, the image column (:func:`image_column`) the bytes."""
+    image = image_column(schema) if with_images else None
+    names = scalar_columns(schema)
+    has_key = "key" in names
+    for batch in batches:
+        values = {name: column_values(batch.column(name)) for name in names}
+        images = image_bytes(batch.column(image)) if image is not None else None
+        for i in range(batch.num_rows):
+            fields = map_fields({name: values[name][i] for name in names})
+            sample_id, key = row_id(shard.shard_id, fields.key, rows.index, rows.seen if has_key else None)
+            data = images[i] if images is not None else None
+            rows.index += 1
+            yield _row_sample(sample_id, key, fields, data, with_images=with_images)
+
+
+def row_id(shard_id: str, key: str | None, row_index: int, seen: set[str] | None) -> tuple[str, str]:
+    """``(sample_id, key)`` of a parquet row: its ``key`` column, else its row index (nine
+    digits, as LAION keys). ``seen`` (the ids so far; None without a key column, whose row
+    indices cannot repeat) makes a repeated key ``key#2``. Shared by the reader and
+    ``dedup apply``, which must name the rows exactly as the run did."""
+    if key is None:
+        key = f"{row_index:0{_KEY_WIDTH}d}"
+    sample_id = f"{shard_id}/{key}"
+    if seen is not None:
+        sample_id = _unique(sample_id, seen)
+    return sample_id, key
 
 
 def _unique(sample_id: str, seen: set[str]) -> str:

@@ -39,7 +39,7 @@ from dedup.sources._common import (
 )
 
 # Raised by tarfile and its decompressors on damaged data (as opposed to a failing disk or network).
-_DAMAGE_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
+DAMAGE_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
 MISSING_TRUNCATED = "missing from tar (shard truncated?)"
 MISSING = "missing from tar"
@@ -54,6 +54,31 @@ _DRAIN_CHUNK = 1 << 16
 def sidecar_path(tar_path: str) -> str:
     """``.../00000.tar`` -> ``.../00000.parquet`` (img2dataset names both after the shard)."""
     return tar_path[: -len(".tar")] + ".parquet"
+
+
+class GroupIds:
+    """The sample ids of a tar's member groups, in tar order: ``f"{shard_id}/{key}"``.
+
+    A key split across non-adjacent members (never img2dataset) must not repeat an id: its
+    second group is ``f"{shard_id}/{key}#2"``. Shared by the reader and ``dedup apply``, which
+    must name the groups of a tar exactly as the run did.
+    """
+
+    def __init__(self, shard_id: str) -> None:
+        self.shard_id = shard_id
+        self._times_seen: dict[str, int] = {}
+
+    def next(self, raw_key: str) -> tuple[str, str]:
+        """``(sample_id, key)`` of the next group, whose members are named ``raw_key.*``."""
+        key = clean_text(raw_key)
+        count = self._times_seen.get(key, 0) + 1
+        self._times_seen[key] = count
+        return (f"{self.shard_id}/{key}" if count == 1 else f"{self.shard_id}/{key}#{count}"), key
+
+
+def member_key(member: tarfile.TarInfo) -> str:
+    """The raw key of a tar member: its name up to the first dot of the basename."""
+    return split_name(_strip_dot_slash(member.name))[0]
 
 
 @dataclass(slots=True)
@@ -93,7 +118,7 @@ def read_webdataset(shard: Shard) -> Iterator[Sample]:
     if sidecar.error is not None:
         yield failed_sample(f"{shard.shard_id}/{SIDECAR_KEY}", SIDECAR_KEY, sidecar.error)
     damage = _Damage()
-    times_seen: dict[str, int] = {}
+    ids = GroupIds(shard.shard_id)
     reported = False  # whether a row already says the tar was cut short
     try:
         fh = open_input(fs, path, stream=True)
@@ -102,11 +127,7 @@ def read_webdataset(shard: Shard) -> Iterator[Sample]:
     with fh:
         for raw_key, members in _tar_groups(fh, damage):
             listed = sidecar.pop(raw_key)
-            key = clean_text(raw_key)
-            count = times_seen.get(key, 0) + 1
-            times_seen[key] = count
-            # A key split across non-adjacent members (never img2dataset) must not repeat an id.
-            sample_id = f"{shard.shard_id}/{key}" if count == 1 else f"{shard.shard_id}/{key}#{count}"
+            sample_id, key = ids.next(raw_key)
             sample = _tar_sample(sample_id, key, members, listed, damaged=damage.reason is not None)
             reported = reported or sample.error == MISSING_TRUNCATED
             yield sample
@@ -192,11 +213,11 @@ def _tar_groups(fh: IO[bytes], damage: _Damage) -> Iterator[tuple[str, dict[str,
                 tar.members = []  # type: ignore[attr-defined]  # (untyped, but public since 2.x)
                 if not member.isfile():
                     continue
-                member_key, name = split_name(_strip_dot_slash(member.name))
-                if member_key != key:
+                raw_key, name = split_name(_strip_dot_slash(member.name))
+                if raw_key != key:
                     if key is not None:
                         yield key, members
-                    key, members = member_key, {}
+                    key, members = raw_key, {}
                 if name in members:
                     # The same field twice in one sample (``x.jpg`` and ``x.JPG``): the first
                     # wins, so a tar cut short can never change the bytes of a sample it keeps.
@@ -208,7 +229,7 @@ def _tar_groups(fh: IO[bytes], damage: _Damage) -> Iterator[tuple[str, dict[str,
                 if extracted is not None:
                     members[name] = extracted.read()
             damage.reason = _end_state(stops, tar)
-    except _DAMAGE_ERRORS as err:
+    except DAMAGE_ERRORS as err:
         damage.reason = one_line(str(err)) or type(err).__name__
     if key is not None:
         yield key, members
