@@ -64,8 +64,9 @@ def template_links(edges: Edges, pixels: np.ndarray) -> np.ndarray:
     A partial-copy link (``PARTIAL``) joins a picture to the larger scene that holds it (the
     larger of the two by pixel count is the container). A ``PARTIAL`` or ``VERIFIED`` link
     between two such containers, each holding a picture the other is not linked to, matched
-    on what they share, the background, not on the pictures: mock-ups cut from one template.
-    Returns a bool mask over ``edges``.
+    on what they share, the background, not on the pictures: mock-ups cut from one template;
+    and only where nothing else joins the two sides (once every such link is set aside, they
+    lie in different components). Returns a bool mask over ``edges``.
     """
     m = len(edges)
     out = np.zeros(m, bool)
@@ -96,7 +97,17 @@ def template_links(edges: Edges, pixels: np.ndarray) -> np.ndarray:
         pb = [q for q in hb if q != a and not joined(q, a)]
         if pa and pb:
             out[k] = True
+    if out.any():
+        # Only a link that alone joins its two sides: copies of one picture are tied by many
+        # other links (a crop held by two re-encodings of the original is no template).
+        rest = ~out
+        n = int(max(edges.i.max(), edges.j.max())) + 1
+        labels = components(n, Edges(edges.i[rest], edges.j[rest], edges.score[rest], edges.signal[rest]))
+        out &= labels[edges.i] != labels[edges.j]
     return out
+
+
+_CENTRE_MAX = 1500  # components up to this size take their centre as the core (all-pairs distances)
 
 
 def guarded_components(
@@ -110,8 +121,10 @@ def guarded_components(
     """Clusters that do not chain: components in which every member lies within ``hops``
     links of the component's core.
 
-    The core is the member with the most links (then the highest summed score, then the
-    smallest row): in a cluster of copies, the original, which every copy resembles. Members
+    The core is the component's centre, the member whose farthest member is fewest links away
+    (then the one with the most links, the highest summed score, the smallest row; beyond
+    1,500 members the best-linked one): in a cluster of copies, the original, which every copy
+    resembles. So a component is split only when its radius exceeds ``hops``. Members
     further away are detached and clustered again among themselves, under the same rule, so
     a chain of look-alikes A-B-C-D-E breaks into pieces no longer than ``2 * hops`` links.
     Template links (:func:`template_links`, needs ``pixels``) are left out unless
@@ -143,7 +156,12 @@ def guarded_components(
         sub = graph[nodes][:, nodes]
         degree = np.diff(sub.indptr)
         strength = np.asarray(sub.sum(axis=1)).ravel()
-        core = int(np.lexsort((nodes, -strength, -degree))[0])
+        if len(nodes) <= _CENTRE_MAX:  # the centre: the member whose farthest member is nearest
+            every = shortest_path(sub, unweighted=True, directed=False)
+            ecc = every.max(axis=1)
+        else:  # too large for all pairs: the best-linked member
+            ecc = np.zeros(len(nodes))
+        core = int(np.lexsort((nodes, -strength, -degree, ecc))[0])
         dist = shortest_path(sub, unweighted=True, directed=False, indices=core)
         near = dist <= hops
         if near.all():
