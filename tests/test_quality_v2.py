@@ -70,8 +70,8 @@ def test_with_distractors_adds_singletons(tmp_path: Path) -> None:
         "collection": ["x", "x"], "split": ["test", "test"],
     }), test / "labels.parquet")
     names = [(f"d{k}.jpg", f"crop/{k}") for k in range(3)]
-    for nm, _ in names:
-        Image.new("RGB", (64, 64), (k := len(nm), 0, 0)).save(dis / "images" / nm)
+    for k, (nm, _) in enumerate(names):
+        Image.new("RGB", (64, 64), (40 * k, 0, 0)).save(dis / "images" / nm)
     (dis / "order.json").write_text(json.dumps(names))
     out = v2.with_distractors(test, dis, 2, tmp_path / "joined")
     t = pq.read_table(out / "labels.parquet").to_pylist()
