@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install lint demo test test-fast test-torch bench-e2e bench-quality bench-speed clean
+.PHONY: install lint demo test test-fast test-torch bench-e2e bench-quality bench-quality-v1 bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -44,10 +44,20 @@ test-torch:
 bench-e2e: install
 	$(BIN)/python bench/e2e.py
 
-# Detection quality against the peers (issue 3): builds the labelled set from Debian's
-# openclipart-png and wallpaper packages (apt-get download, cached in bench/data/), then runs
-# every dedup preset and each peer that is installed on it and prints the tables.
+# Detection quality against the peers, bench v2 (issue 24): builds the dev split (openclipart and
+# the wallpapers the presets were tuned on) and the test split (other collections: Tux Paint
+# stamps, Noto emoji, Oxygen icons, Stellarium, UKUI/Lomiri photographs, scikit-image samples)
+# from Debian packages and PyPI wheels (cached in bench/data/), plus DISTRACTORS real distinct
+# images; then runs dedup and the peers on the TEST split alone and with each distractor count
+# and prints P, R, F1, per-edit recall, pastes by size, precision at +N, img/s, peak MiB.
+# Slow on 2 cores: `make bench-quality DISTRACTORS=0,10000,50000` for the full curve.
+DISTRACTORS ?= 0,10000
 bench-quality: install
+	$(BIN)/python bench/quality_v2.py build --distractors $(DISTRACTORS)
+	$(BIN)/python bench/quality_v2.py report --distractors $(DISTRACTORS)
+
+# The v1 set (one split, the one the presets were tuned on).
+bench-quality-v1: install
 	$(BIN)/python bench/quality_data.py --out bench/data/quality
 	$(BIN)/python bench/quality.py --data bench/data/quality
 

@@ -25,7 +25,7 @@ import subprocess
 import tarfile
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,8 @@ def distinct_originals(
     max_correlation: float = 0.85,
     one_per_family: bool = True,
     exclude_folders: Sequence[str] = ("icons",),
+    family: Callable[[Path], str] | None = None,
+    allow_fewer: bool = False,
 ) -> list[Path]:
     """Pick ``n`` images from ``paths`` (in a seeded random order) that are not copies of each other.
 
@@ -252,8 +254,11 @@ def distinct_originals(
 
     The tests are crude and err towards skipping, which keeps unlabelled duplicates out of the
     truth; similar but distinct drawings (playing cards of different suits) can remain.
-    Raises ``ValueError`` when fewer than ``n`` qualify.
+    ``family`` replaces :func:`clipart_family` as the family key (other collections name their
+    files otherwise). Raises ``ValueError`` when fewer than ``n`` qualify, unless
+    ``allow_fewer``, which returns those that do.
     """
+    family_of = family
     order = np.random.default_rng(seed).permutation(len(paths))
     picked: list[Path] = []
     seen: set[bytes] = set()
@@ -265,7 +270,7 @@ def distinct_originals(
         path = paths[int(i)]
         if excluded & set(Path(path).parts):
             continue
-        family = clipart_family(path)
+        family = (family_of or clipart_family)(path)
         if one_per_family and family in families:
             continue
         try:
@@ -301,4 +306,6 @@ def distinct_originals(
         picked.append(path)
         if len(picked) == n:
             return picked
+    if allow_fewer:
+        return picked
     raise ValueError(f"only {len(picked)} distinct images qualify among {len(paths)}; asked for {n}")

@@ -6,9 +6,11 @@ same order always gives the same ids, whatever order the links were found in.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.sparse import csr_array
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import connected_components, shortest_path
 
 from dedup.search import Edges, Signal
 
@@ -118,3 +120,141 @@ def _pairs(pairs: np.ndarray | None) -> np.ndarray:
     if pairs is None:
         return np.empty((0, 2), np.int64)
     return np.asarray(pairs, np.int64).reshape(-1, 2)
+
+
+# ------------------------------------------------------------------ chaining guard (issue 24)
+# Connected components chain: drawings of one family linked pair by pair, or mock-ups that
+# share a template linked through their common background, end up in one cluster although
+# the far ends have nothing in common. The functions below are additive: `components` above is
+# unchanged, and `guarded_components` is what `[cluster] guard = true` runs instead.
+
+
+@dataclass(frozen=True, slots=True)
+class Guarded:
+    """The outcome of :func:`guarded_components`."""
+
+    labels: np.ndarray  # int64 per row: the smallest row number of its cluster
+    template: np.ndarray  # bool per link: a template relation (not merged unless asked)
+    detached: int  # rows moved out of their component by the hop limit
+
+
+def template_links(edges: Edges, pixels: np.ndarray) -> np.ndarray:
+    """Which links are a *template relation*: two images that each hold another picture.
+
+    A partial-copy link (``PARTIAL``) joins a picture to the larger scene that holds it (the
+    larger of the two by pixel count is the container). A ``PARTIAL`` or ``VERIFIED`` link
+    between two such containers, each holding a picture the other is not linked to, matched
+    on what they share, the background, not on the pictures: mock-ups cut from one template;
+    and only where nothing else joins the two sides (once every such link is set aside, they
+    lie in different components). Returns a bool mask over ``edges``.
+    """
+    m = len(edges)
+    out = np.zeros(m, bool)
+    if m == 0:
+        return out
+    part = edges.signal == int(Signal.PARTIAL)
+    if not part.any():
+        return out
+    pi, pj = edges.i[part], edges.j[part]
+    container = np.where(pixels[pi] >= pixels[pj], pi, pj)
+    picture = np.where(container == pi, pj, pi)
+    holds: dict[int, set[int]] = {}
+    for c, p in zip(container.tolist(), picture.tolist(), strict=True):
+        holds.setdefault(c, set()).add(p)
+    weak = part | (edges.signal == int(Signal.VERIFIED))
+    linked = set(zip(edges.i.tolist(), edges.j.tolist(), strict=True))
+
+    def joined(a: int, b: int) -> bool:
+        return a == b or (min(a, b), max(a, b)) in linked
+
+    for k in np.flatnonzero(weak).tolist():
+        a, b = int(edges.i[k]), int(edges.j[k])
+        ha, hb = holds.get(a), holds.get(b)
+        if not ha or not hb:
+            continue
+        # a picture of one that is not the other, nor linked to the other or to its pictures
+        pa = [p for p in ha if p != b and not joined(p, b) and not any(joined(p, q) for q in hb)]
+        pb = [q for q in hb if q != a and not joined(q, a)]
+        if pa and pb:
+            out[k] = True
+    if out.any():
+        # Only a link that alone joins its two sides: copies of one picture are tied by many
+        # other links (a crop held by two re-encodings of the original is no template).
+        rest = ~out
+        n = int(max(edges.i.max(), edges.j.max())) + 1
+        labels = components(n, Edges(edges.i[rest], edges.j[rest], edges.score[rest], edges.signal[rest]))
+        out &= labels[edges.i] != labels[edges.j]
+    return out
+
+
+_CENTRE_MAX = 1500  # components up to this size take their centre as the core (all-pairs distances)
+
+
+def guarded_components(
+    n: int,
+    edges: Edges,
+    *,
+    pixels: np.ndarray | None = None,
+    hops: int = 2,
+    merge_templates: bool = False,
+) -> Guarded:
+    """Clusters that do not chain: components in which every member lies within ``hops``
+    links of the component's core.
+
+    The core is the component's centre, the member whose farthest member is fewest links away
+    (then the one with the most links, the highest summed score, the smallest row; beyond
+    1,500 members the best-linked one): in a cluster of copies, the original, which every copy
+    resembles. So a component is split only when its radius exceeds ``hops``. Members
+    further away are detached and clustered again among themselves, under the same rule, so
+    a chain of look-alikes A-B-C-D-E breaks into pieces no longer than ``2 * hops`` links.
+    Template links (:func:`template_links`, needs ``pixels``) are left out unless
+    ``merge_templates``. ``hops <= 0`` turns the hop limit off (components, less templates).
+    """
+    template = template_links(edges, pixels) if pixels is not None else np.zeros(len(edges), bool)
+    use = np.ones(len(edges), bool) if merge_templates else ~template
+    kept = Edges(edges.i[use], edges.j[use], edges.score[use], edges.signal[use])
+    labels = components(n, kept)
+    if hops <= 0 or len(kept) == 0:
+        return Guarded(labels, template, 0)
+    index = np.int32 if n < np.iinfo(np.int32).max else np.int64
+    graph = csr_array(
+        (
+            np.concatenate([kept.score, kept.score]).astype(np.float64) + 1e-3,
+            (np.concatenate([kept.i, kept.j]).astype(index), np.concatenate([kept.j, kept.i]).astype(index)),
+        ),
+        shape=(n, n),
+    )
+    graph.sum_duplicates()
+    out = labels.copy()
+    detached = 0
+    order = np.argsort(labels, kind="stable")
+    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
+    bounds = np.r_[starts, n]
+    work = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b - a > hops + 1]
+    while work:
+        nodes = np.sort(work.pop())
+        sub = graph[nodes][:, nodes]
+        degree = np.diff(sub.indptr)
+        strength = np.asarray(sub.sum(axis=1)).ravel()
+        if len(nodes) <= _CENTRE_MAX:  # the centre: the member whose farthest member is nearest
+            every = shortest_path(sub, unweighted=True, directed=False)
+            ecc = every.max(axis=1)
+        else:  # too large for all pairs: the best-linked member
+            ecc = np.zeros(len(nodes))
+        core = int(np.lexsort((nodes, -strength, -degree, ecc))[0])
+        dist = shortest_path(sub, unweighted=True, directed=False, indices=core)
+        near = dist <= hops
+        if near.all():
+            continue
+        far = nodes[~near]
+        detached += len(far)
+        out[nodes[near]] = nodes[near].min()
+        # the detached rows: components among themselves, guarded again
+        sub_far = sub[~near][:, ~near].tocoo()
+        count, comp = connected_components(sub_far, directed=False)
+        for c in range(count):
+            members = far[comp == c]
+            out[members] = members.min()
+            if len(members) > hops + 1:
+                work.append(members)
+    return Guarded(out, template, detached)

@@ -148,6 +148,19 @@ class SearchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """How links become clusters (dedup.cluster). Plain connected components chain: look-alikes
+    linked pair by pair, or mock-ups sharing a background, end up in one cluster. The guard
+    keeps every member within ``hops`` links of its cluster's core (the member with the most
+    links) and leaves template links (two scenes, each holding a picture, matched on their
+    shared background) out of the clusters unless ``merge_templates``."""
+
+    guard: bool = False  # False: connected components, as before
+    hops: int = 2  # with guard: a member's largest distance in links from its cluster's core (0: no limit)
+    merge_templates: bool = False  # with guard: template links join clusters too
+
+
+@dataclass(frozen=True, slots=True)
 class KeepConfig:
     policy: KeepPolicy = KeepPolicy.FIRST
     column: str | None = None  # for policy "column": a numeric metadata column, highest wins
@@ -186,6 +199,7 @@ class RunConfig:
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     keep: KeepConfig = field(default_factory=KeepConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -33,6 +33,7 @@ from dedup._version import __version__
 from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
+from dedup.cluster import components, guarded_components
 from dedup.config import EmbedModel, RunConfig, save_config
 from dedup.decisions import apply_decisions, load_decisions, review_section
 from dedup.errors import ConfigError, OutputError, SourceError
@@ -307,11 +308,13 @@ def finish(
     embedding_label = PRECOMPUTED if shard_stats.get("precomputed") else cfg.embed.model.value
     with progress("cluster + select", 1, "step") as bar:
         n = rows.num_rows
-        # A curator's decisions (dedup review): cannot-links cut clusters, must-links join them.
-        applied = apply_decisions(n, rows, edges, load_decisions(out_dir, decisions))
-        labels = applied.labels
         ok = rows.equals("status", "ok")
         pixels = rows.numbers("width") * rows.numbers("height")
+        # Links -> clusters ([cluster]: the chaining guard), then a curator's decisions (dedup
+        # review) on top: cannot-links cut clusters, must-links join them.
+        _, edges, shard_stats = _cluster(n, edges, pixels, cfg, shard_stats)
+        applied = apply_decisions(n, rows, edges, load_decisions(out_dir, decisions))
+        labels = applied.labels
         metric = _metric(rows, cfg.keep.column) if cfg.keep.column else None
         select = partial(keepers, policy=cfg.keep.policy, eligible=ok, pixels=pixels, metric=metric)
         keep_row = select(labels)
@@ -361,6 +364,31 @@ def finish(
         dropped=summary["dropped"],
         report=report,
     )
+
+
+def _cluster(
+    n: int, edges: Edges, pixels: np.ndarray, cfg: RunConfig, shard_stats: dict[str, Any]
+) -> tuple[np.ndarray, Edges, dict[str, Any]]:
+    """Cluster labels per ``[cluster]``: plain components, or the chaining guard
+    (:func:`~dedup.cluster.guarded_components`). With the guard, the links that cross clusters
+    (template links, links to detached rows) leave the edges the manifest and report see, and
+    the report counts them (``cluster`` in its shard stats)."""
+    if not cfg.cluster.guard:
+        return components(n, edges), edges, shard_stats
+    g = guarded_components(
+        n, edges, pixels=pixels, hops=cfg.cluster.hops, merge_templates=cfg.cluster.merge_templates
+    )
+    inside = g.labels[edges.i] == g.labels[edges.j]
+    stats = {
+        "guard": True,
+        "hops": cfg.cluster.hops,
+        "template_links": int(g.template.sum()),
+        "templates_merged": cfg.cluster.merge_templates,
+        "detached_rows": g.detached,
+        "links_across_clusters": int((~inside).sum()),
+    }
+    kept = Edges(edges.i[inside], edges.j[inside], edges.score[inside], edges.signal[inside])
+    return g.labels, kept, {**shard_stats, "cluster": stats}
 
 
 def _index_model(shard_stats: dict[str, Any], vectors: np.ndarray, cfg: RunConfig) -> str:
