@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from dedup._progress import silent
+from dedup._progress import ProgressFactory, silent
+from dedup._types import Shard
 from dedup.cluster import components
 from dedup.config import GateConfig, KeepPolicy, RunConfig
 from dedup.decisions import apply_decisions, cross_constraints, load_decisions
@@ -48,15 +50,19 @@ from dedup.add import AddPlan, add, plan_add
 from dedup.signals import BASE_COLUMNS, cross_links, find_edges, refuse_mixed_vectors, vector_kinds
 from dedup.store import Index, open_index, resolve_source
 from dedup.manifest import build_manifest
-from dedup.search import CrossLinks, Edges, Signal
+from dedup.featurize import FeatureStep
+from dedup.pipeline import FEATURES
+from dedup.rows import as_rows
+from dedup.search import Candidates, CrossLinks, Edges, Signal
+from dedup.second_look.look import verify_candidates
+from dedup.second_look.propose import RegionFiles, band_candidates, fresh, load_trims, partial_candidates, top_per_image
 from dedup.select import keepers
 
 if TYPE_CHECKING:
     from dedup.executors.base import Executor
-    from dedup.pipeline import ProgressFactory
 
 # The baseline columns a check reads (samples.parquet), all in one consistent snapshot.
-BASELINE_COLUMNS = tuple(dict.fromkeys(("sample_id", *BASE_COLUMNS, "cluster_id")))
+BASELINE_COLUMNS = tuple(dict.fromkeys(("sample_id", "shard", *BASE_COLUMNS, "cluster_id")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +244,11 @@ def check(
         # The drop is featurized under the ids an add would give it (so --update reuses the
         # work); people read its samples by their ids in the drop.
         position = resolve_position(plan, source)
+        looked = second_look_against(
+            base, plan.new, table, vectors, cfg, work=work_dir, executor=executor, progress=prog
+        )
         with prog("search (drop)", 1, "step") as bar:
-            result = _assess(base, table, vectors, cfg, limits_cfg, top=top, strip=plan.prefix(position))
+            result = _assess(base, table, vectors, cfg, limits_cfg, top=top, strip=plan.prefix(position), looked=looked)
             bar.update(1)
         searched = time.perf_counter()
         updated = False
@@ -288,12 +297,129 @@ def resolve_position(plan: AddPlan, source: str) -> int:
     return next(i for i, s in enumerate(plan.sources) if s.resolved == resolved)
 
 
+class _Shifted:
+    """Region files whose rows sit ``offset`` rows into the embedded rows they are proposed
+    among (the drop's, after the baseline's)."""
+
+    def __init__(self, files: RegionFiles, offset: int) -> None:
+        self.files, self.offset = files, offset
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        for first, block in self.files.blocks(block_rows):
+            yield self.offset + first, block
+
+
+def second_look_against(
+    base: Index,
+    new: Sequence[Shard],
+    table: pa.Table,
+    vectors: np.ndarray,
+    cfg: RunConfig,
+    *,
+    work: Path,
+    executor: Executor | None = None,
+    progress: ProgressFactory = silent,
+) -> tuple[Edges, CrossLinks] | None:
+    """The second look's links that touch the drop: within it, and from it to the baseline.
+
+    The drop's rows are laid after the baseline's, as ``index add`` lays them, and the second
+    look's own steps run over both: band pairs in ``[search.verify_from, search.threshold)``
+    (each image's best, pairs already joined set aside: the baseline's clusters, the drop's
+    direct links and its direct links to the baseline), partial copies proposed by the drop's
+    region descriptors against every whole image (a drop image holding a baseline picture),
+    then verified as per-shard tasks (:mod:`dedup.second_look`) that re-read the baseline's
+    images named by a candidate from its sources. Only candidates with an end in the drop are
+    checked. None when the preset has no second look, or the baseline is past
+    ``search.partition_above`` (its vectors are not searched in memory).
+
+    Not (yet) as ``index add`` does it: baseline images holding a drop picture (that needs the
+    baseline's region descriptors, which the index does not keep).
+    """
+    search = cfg.search
+    band = 0 <= search.verify_from < search.threshold
+    if not (band or search.partial) or base.embeddings is None or not vectors.shape[0]:
+        return None
+    b = base.samples
+    n_base = b.num_rows
+    base_vectors = base.embeddings.reconstruct_n(0, base.embeddings.ntotal)
+    columns = ("sample_id", "shard", "status", "has_image", "embedded")
+    base_shards = [e.shard for e in base.catalog.shards]
+    union = pa.concat_tables([b.select(list(columns)), table.select(list(columns)).cast(b.select(list(columns)).schema)])
+    rows_of = as_rows(union)
+    n = rows_of.num_rows
+    embedded_rows = np.flatnonzero(rows_of.flags("embedded"))
+    use = (rows_of.flags("has_image") & rows_of.equals("status", "ok"))[embedded_rows]
+    all_vectors = np.concatenate([np.asarray(base_vectors, np.float32), np.asarray(vectors, np.float32)])
+    drop_edges, _ = find_edges(table, vectors, cfg.with_overrides({"search.report_thresholds": []}))
+    links = cross_links(table, vectors, base, cfg)
+    clusters = np.asarray(b.column("cluster_id").to_numpy(zero_copy_only=False), np.int64)
+    base_ok = np.flatnonzero(clusters >= 0)
+    joined = Edges.concat(
+        [
+            Edges.of(base_ok, clusters[base_ok], np.ones(base_ok.size, np.float32), Signal.EMBEDDING),
+            Edges(drop_edges.i + n_base, drop_edges.j + n_base, drop_edges.score, drop_edges.signal),
+            Edges.of(links.drop + n_base, links.base, links.score, Signal.EMBEDDING),
+        ]
+    )
+    labels = components(n, joined)
+    parts: list[Candidates] = []
+    if band:
+        with progress("second look: propose (drop)", int(use.sum()), "vec") as bar:
+            found = band_candidates(all_vectors, embedded_rows, use, low=search.verify_from, high=search.threshold,
+                                    block_size=search.block_size, progress=bar.update)  # fmt: skip
+        parts.append(top_per_image(fresh(found, labels), search.verify_per_image))
+    step = FeatureStep(config=cfg, out_dir=work / FEATURES)
+    regions = RegionFiles.of([step.regions_path(s) for s in new]) if search.partial else None
+    n_base_embedded = int(np.count_nonzero(embedded_rows < n_base))
+    if regions is not None and len(regions) == embedded_rows.size - n_base_embedded:
+        with progress("partial copies: propose (drop)", len(regions), "img") as bar:
+            parts.append(
+                partial_candidates(
+                    all_vectors, _Shifted(regions, n_base_embedded), embedded_rows, use, propose=search.partial_propose,  # type: ignore[arg-type]
+                    top_k=search.partial_top_k, margin=search.partial_margin, per_image=search.partial_per_image,
+                    progress=bar.update,
+                )  # fmt: skip
+            )
+    cands = fresh(Candidates.concat(parts), labels)
+    cands = cands.take((cands.i >= n_base) | (cands.j >= n_base))
+    if not len(cands):
+        return Edges.empty(), CrossLinks.empty()
+    boxes = np.full((n, 4), np.nan, np.float32)
+    trims = load_trims([step.trims_path(s) for s in new])
+    drop_embedded = embedded_rows[embedded_rows >= n_base]
+    if trims is not None and trims.shape == (drop_embedded.size, 4):
+        boxes[drop_embedded] = trims
+    confirmed, _ = verify_candidates(
+        rows_of, cands, labels, cfg, shards=[*base_shards, *new], boxes=boxes, root=work / "second_look_against",
+        executor=executor, progress=progress,
+    )  # fmt: skip
+    inside = (confirmed.i >= n_base) & (confirmed.j >= n_base)
+    within = Edges(confirmed.i[inside] - n_base, confirmed.j[inside] - n_base, confirmed.score[inside], confirmed.signal[inside])
+    cross = ~inside
+    lo, hi = confirmed.i[cross], confirmed.j[cross]  # lo < hi: lo is the baseline row
+    across = CrossLinks(hi - n_base, lo, confirmed.score[cross], confirmed.signal[cross])
+    return within, across
+
+
 def _assess(
-    base: Index, table: pa.Table, vectors: np.ndarray, cfg: RunConfig, gate: GateConfig, *, top: int, strip: str = ""
+    base: Index,
+    table: pa.Table,
+    vectors: np.ndarray,
+    cfg: RunConfig,
+    gate: GateConfig,
+    *,
+    top: int,
+    strip: str = "",
+    looked: tuple[Edges, CrossLinks] | None = None,
 ) -> dict[str, Any]:
     """Every number of a :class:`CheckResult` but the bookkeeping ones, and the verdict.
 
-    ``strip``: the index prefix of the drop's ids, left out of the ids shown."""
+    ``strip``: the index prefix of the drop's ids, left out of the ids shown. ``looked``: the
+    second look's confirmed links within the drop and to the baseline
+    (:func:`second_look_against`), beside the direct ones the signals table makes."""
     m = table.num_rows
     ok = _bool(table, "status", "ok")
     n_ok = int(ok.sum())
@@ -303,6 +429,8 @@ def _assess(
 
     # Inside the drop: what a run over the drop alone would make of it (keeping the first).
     edges, _ = find_edges(table, vectors, cfg.with_overrides({"search.report_thresholds": []}))
+    if looked is not None:
+        edges = Edges.concat([edges, looked[0]])
     # The baseline's review decisions (dedup review) hold for the drop's samples too.
     decided = load_decisions(base.directory.parent)
     applied = apply_decisions(m, table, edges, decided)
@@ -323,6 +451,8 @@ def _assess(
 
     # Against the baseline: each drop sample's strongest link (exact first, then the highest score).
     links = cross_links(table, vectors, base, cfg)
+    if looked is not None:
+        links = CrossLinks.concat([links, looked[1]])
     b = base.samples
     if decided.num_rows:
         links = _reviewed(links, *cross_constraints(table, b, decided))

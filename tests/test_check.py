@@ -243,7 +243,7 @@ def test_links_to_the_baseline_match_brute_force(baseline: tuple[Path, Path], tm
     dist = (bits([mine[r] for r in range(table.num_rows)])[:, None, :] != bits([theirs[r] for r in b_ok])[None, :, :]).sum(2)
     # ...in any of the drop image's eight orientations (the seven others: pdq_variants)
     variants = table.column("pdq_variants").to_pylist()
-    for v in range(7):
+    for v in range(7 if all(variants) else 0):  # when the config computes them
         codes = [variants[r][32 * v : 32 * (v + 1)] for r in range(table.num_rows)]
         other = (bits(codes)[:, None, :] != bits([theirs[r] for r in b_ok])[None, :, :]).sum(2)
         dist = np.minimum(dist, other)

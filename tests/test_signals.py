@@ -88,3 +88,40 @@ def test_check_finds_the_copies_a_run_over_both_links(tmp_path: Path) -> None:
     signals = {m.sample_id: m.signal for m in result.baseline_matches}
     assert signals["bytes.jpg"] == "exact_bytes"
     assert np.isclose([m.similarity for m in result.baseline_matches if m.sample_id == "bytes.jpg"][0], 1.0)
+
+
+@pytest.mark.slow
+def test_check_runs_the_second_look_against_the_index(tmp_path: Path) -> None:
+    """Pictures of the baseline pasted into scenes (partial copies) in a drop: `check` finds them
+    through the second look, as `dedup run BASE DROP` does, and not other pictures on the same
+    walls."""
+    from test_regions import _picture, _scene
+
+    base, drop = tmp_path / "base", tmp_path / "drop"
+    base.mkdir()
+    drop.mkdir()
+    pictures = [_picture(300 + s) for s in range(3)]
+    for s, p in enumerate(pictures):
+        p.save(base / f"picture{s}.jpg", quality=92)
+    for s in range(2):
+        _scene(pictures[s], 400 + s).save(drop / f"mockup{s}.jpg", quality=88)
+        _scene(_picture(600 + s), 400 + s).save(drop / f"other{s}.jpg", quality=88)  # same wall, other picture
+    cfg = load_config("default").with_overrides(
+        {
+            "folder_batch": 4,
+            "search.threshold": 0.95,
+            # 1/f-noise pictures all look alike to SSCD: propose more, let geometry decide
+            "search.partial_margin": 0.0,
+            "search.partial_propose": 0.4,
+        }
+    )
+    out = tmp_path / "out"
+    run([str(base)], out, config=cfg)
+    result = check(str(drop), out, top=100)
+    flagged = {m.sample_id: m.signal for m in result.baseline_matches}
+    assert flagged == {"mockup0.jpg": "partial", "mockup1.jpg": "partial"}
+
+    both = pl.read_parquet(run([str(base), str(drop)], tmp_path / "both", config=cfg).out / "manifest.parquet")
+    has_base = both.group_by("cluster_id").agg(pl.col("sample_id").str.starts_with("s0/").any().alias("base"))
+    linked = both.join(has_base, on="cluster_id").filter(pl.col("sample_id").str.starts_with("s1/") & pl.col("base"))
+    assert {s.removeprefix("s1/") for s in linked["sample_id"].to_list()} == set(flagged)

@@ -68,7 +68,7 @@ from dedup.second_look.propose import RegionFiles, band_candidates, fresh, ivf_l
 from dedup.second_look.tasks import CANDIDATE_DTYPE, CheckStep, ReadStep, crop_to, read_edges
 from dedup.sources.readback import stream_images
 
-__all__ = ["second_look", "verify"]
+__all__ = ["second_look", "verify", "verify_candidates"]
 
 _CHECK_BLOCK = 256  # pairs checked between two updates of what is joined (see verify())
 
@@ -345,6 +345,24 @@ def _work_folder(work_dir: Path | None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="dedup-second-look-") as tmp:
         yield Path(tmp)
+
+
+def verify_candidates(
+    rows_of: FeatureRows,
+    cands: Candidates,
+    labels: np.ndarray,
+    cfg: RunConfig,
+    *,
+    shards: Sequence[Shard],
+    boxes: np.ndarray | None,
+    root: Path,
+    executor: Executor | None = None,
+    progress: ProgressFactory = silent,
+) -> tuple[Edges, dict[str, int]]:
+    """Verify proposed ``cands`` as per-shard tasks under ``root`` (what :func:`second_look` does
+    after proposing): for callers that propose their own pairs (``check`` against an index)."""
+    return _verify_by_shard(rows_of, cands, labels, cfg, shards=shards, boxes=boxes, root=root,
+                            executor=executor, progress=progress, on_phase=None)  # fmt: skip
 
 
 def _verify_by_shard(
