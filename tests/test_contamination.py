@@ -69,6 +69,11 @@ def test_copies_of_the_evaluation_set_are_dropped_and_nothing_else(sets: dict[st
     named = dict(zip(contaminated["sample_id"], contaminated["duplicate_of"], strict=True))
     assert named["c-bytes.jpg"] == "bench:e300.jpg" and named["c-rot90.png"] == "bench:e303.jpg"
     assert contaminated.filter(pl.col("sample_id") == "c-bytes.jpg")["signal"].item() == "exact_bytes"
+    # remove.parquet lists them with their reason, beside the duplicates
+    removed = pl.read_parquet(out / "remove.parquet")
+    assert set(removed.filter(pl.col("reason") == "contaminates:bench")["sample_id"]) == COPIES
+    assert removed.filter(pl.col("sample_id") == "c-bytes.jpg")["duplicate_of"].item() == "bench:e300.jpg"
+    assert removed.height == m.filter(pl.col("status").eq("ok") & ~pl.col("keep")).height
     # the rest of the set is deduplicated as without --against: t400's copy is still a duplicate
     rest = m.filter(~pl.col("sample_id").is_in(list(COPIES)))
     assert rest.filter(pl.col("reason") == "duplicate")["sample_id"].to_list() == ["t400.jpg"]  # "t400-again" sorts first
