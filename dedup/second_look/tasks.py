@@ -118,8 +118,8 @@ class ReadStep:
         return [features_dir(self.root, shard) / "index.npy"]
 
     def __call__(self, shard: Shard, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
-        wanted = np.load(self.root / "wanted" / f"{shard_file_name(shard)}.npz")
-        rows, ids, boxes = wanted["rows"], wanted["sample_ids"].tolist(), wanted["boxes"]
+        with np.load(self.root / "wanted" / f"{shard_file_name(shard)}.npz") as wanted:  # an npz holds its file open
+            rows, ids, boxes = wanted["rows"], wanted["sample_ids"].tolist(), wanted["boxes"]
         row_of = {sample_id: k for k, sample_id in enumerate(ids)}
         target = features_dir(self.root, shard)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
