@@ -7,8 +7,9 @@ written at once: read, merge and rewrite under an flock of ``OUT/decisions.lock`
 temp file and ``os.replace``, so two tabs (or two reviewers) never lose each other's work.
 
 The next run into OUT applies them (:func:`apply_decisions`): *same* is a must-link, *different*
-a cannot-link (:func:`dedup.cluster.constrained_components`). Pairs are found by sample id and,
-where an id is gone (another layout of the same data), by the SHA-256 of its bytes, so a
+a cannot-link (:func:`dedup.cluster.constrained_components`). Pairs are found by sample id,
+else by the id without its source prefix (``s0/``: `index add` of a new source renames the old
+ids so), else (another layout of the same data) by the SHA-256 of its bytes, so a
 decisions file can be carried to another run of the same data (``dedup run --decisions``).
 
 ``OUT/review-sample.parquet`` is a stratified sample of the accepted links (``dedup review
@@ -21,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -196,6 +198,13 @@ def _rows_of(rows: FeatureRows, ids: pa.Array, shas: pa.Array) -> np.ndarray:
     of an ok row. The feature rows are read a part at a time, two columns of them."""
     by_id = _first_rows(rows, "sample_id", pc.unique(ids.drop_null()), ok_only=False)
     found = np.array([by_id.get(i, -1) for i in ids.to_pylist()], np.int64)
+    if (found < 0).any():
+        # Ids of the same shards under another source prefix (``s0/``: a run over several
+        # sources, or `index add` of a new one): the bytes of exact copies cannot tell them apart.
+        lost_ids = [_unprefixed(i) for i in ids.filter(pa.array(found < 0)).to_pylist()]
+        by_bare = _first_rows(rows, "sample_id", pa.array(sorted({i for i in lost_ids if i is not None}), pa.string()), ok_only=False, unprefix=True)
+        for k, bare in zip(np.flatnonzero(found < 0).tolist(), lost_ids, strict=True):
+            found[k] = by_bare.get(bare, -1)
     lost = (found < 0) & np.asarray(shas.is_valid())
     if lost.any():
         by_sha = _first_rows(rows, "sha256", pc.unique(shas.filter(pa.array(lost))), ok_only=True)
@@ -204,14 +213,26 @@ def _rows_of(rows: FeatureRows, ids: pa.Array, shas: pa.Array) -> np.ndarray:
     return found
 
 
-def _first_rows(rows: FeatureRows, column: str, values: pa.Array, *, ok_only: bool) -> dict[Any, int]:
-    """The first row holding each of ``values`` in ``column``."""
+_SOURCE_PREFIX = re.compile(r"^s\d+/")
+
+
+def _unprefixed(sample_id: str | None) -> str | None:
+    """A sample id without the ``s<k>/`` that names its source in a run over several."""
+    return None if sample_id is None else _SOURCE_PREFIX.sub("", sample_id, count=1)
+
+
+def _first_rows(rows: FeatureRows, column: str, values: pa.Array, *, ok_only: bool, unprefix: bool = False) -> dict[Any, int]:
+    """The first row holding each of ``values`` in ``column`` (with ``unprefix``: in the ids
+    without their source prefix)."""
     first: dict[Any, int] = {}
     if len(values) == 0:
         return first
     start = 0
     for part in rows.tables([column, "status"]):
-        pos = pc.index_in(part.column(0), value_set=values)
+        col = part.column(0)
+        if unprefix:
+            col = pc.replace_substring_regex(col, pattern=_SOURCE_PREFIX.pattern, replacement="", max_replacements=1)
+        pos = pc.index_in(col, value_set=values)
         hit = pos.is_valid()
         if ok_only:
             hit = pc.and_(hit, pc.equal(part.column(1), "ok").fill_null(False))

@@ -232,3 +232,15 @@ def test_precision_table_and_supported_threshold(tmp_path: Path) -> None:
 
 def test_verdict_values() -> None:
     assert {v.value for v in Verdict} == {"same", "different", "skip"}
+
+
+def test_decisions_survive_a_source_prefix(tmp_path: Path) -> None:
+    """Exact copies share their hash, so ids renamed by a source prefix (``s0/``, as `index add`
+    of a new source does) are matched without it, both ways."""
+    same = bytes(32)
+    rows = pa.table({"sample_id": ["s0/t.tar/a", "s0/t.tar/b", "s1/u/c"], "sha256": pa.array([same, same, None], pa.binary(32)), "status": ["ok"] * 3})
+    path = tmp_path / DECISIONS_FILE
+    _decide(path, "t.tar/a", "t.tar/b", "different", a_sha256=same, b_sha256=same)
+    _decide(path, "s3/u/c", "t.tar/a", "same")
+    must, cannot, unmatched = constraints(rows, read_decisions(path))
+    assert cannot.tolist() == [[0, 1]] and must.tolist() == [[2, 0]] and unmatched == 0

@@ -437,3 +437,34 @@ def test_partial_copy_region_is_outlined() -> None:
     assert abs(ys.min() - 200 * scale) < 15 and abs(ys.max() - 380 * scale) < 15
     assert not (outline_pixels(thumbs["a"]) & ~outline_pixels(make_thumbnail(a, THUMB_SIZE))).sum() > 20
     assert _partial_thumbnails(a, None)["b"] is None  # a side that cannot be read has no picture
+
+
+@pytest.mark.slow
+def test_index_add_honours_decisions_across_renamed_ids(hostile: tuple[list[str], Path], tmp_path: Path) -> None:
+    """`dedup index add` of a second source renames the first's ids (``s0/`` prefix): the
+    decisions still hold, found by the SHA-256 the page recorded with them."""
+    from dedup.add import add
+    from dedup.store import open_index
+
+    sources, _ = hostile
+    out = tmp_path / "out"
+    run(sources[:1], out, config=load_config("ci"))
+    before = _manifest(out)
+    pair = sorted(s for s in before if KEY in s)
+    assert len(pair) == 2 and before[pair[0]]["cluster_id"] == before[pair[1]]["cluster_id"]
+    index = open_index(out, columns=["sample_id", "sha256"])
+    sha = dict(zip(index.samples.column("sample_id").to_pylist(), index.samples.column("sha256").to_pylist(), strict=True))
+    record_decisions(out / DECISIONS_FILE, [
+        {"a_id": pair[0], "b_id": pair[1], "a_sha256": sha[pair[0]], "b_sha256": sha[pair[1]], "decision": "different"},
+    ])  # fmt: skip
+    run(sources[:1], out, config=load_config("ci"))
+    split = _manifest(out)
+    assert split[pair[0]]["cluster_id"] != split[pair[1]]["cluster_id"]
+
+    added = add(sources[1:], out)
+    assert added.added_shards == 1
+    after = _manifest(out)
+    renamed = sorted(s for s in after if KEY in s)
+    assert renamed == [f"s0/{p}" for p in pair]  # the ids changed...
+    assert after[renamed[0]]["cluster_id"] != after[renamed[1]]["cluster_id"]  # ...the decision held
+    assert {after[r]["reason"] for r in renamed} == {"unique", "reviewed"}
