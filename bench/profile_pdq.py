@@ -48,6 +48,8 @@ def variants(max_pixels: int) -> dict[str, Callable[[bytes], np.ndarray]]:
 
     return {
         "now: RGB decode, luma within 384": lambda b: fp._pdq_input(fp.decode(b, max_pixels=max_pixels), 384),
+        "RGB decode, luma within 128": lambda b: fp._pdq_input(fp.decode(b, max_pixels=max_pixels), 128),
+        "RGB decode, luma within 64": lambda b: fp._pdq_input(fp.decode(b, max_pixels=max_pixels), 64),
         "luma draft >= 384, within 384": lambda b: _luma_draft(b, 384, max_pixels),
         "luma draft >= 256, within 256": lambda b: _luma_draft(b, 256, max_pixels),
         "luma draft >= 128, within 128": lambda b: _luma_draft(b, 128, max_pixels),
@@ -83,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=REPO / "bench" / "data" / "quality")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--only", default=None, help="the variants whose name contains this")
     args = ap.parse_args(argv)
     labels = pq.read_table(args.data / "labels.parquet")
     files = sorted(str(f) for f in labels.column("file").to_pylist())[: args.limit]
@@ -94,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     base: np.ndarray | None = None
     for name, make in variants(max_pixels).items():
+        if args.only and args.only not in name and not name.startswith("now"):
+            continue
         t0 = time.process_time()
         lumas = [make(b) for b in blobs]
         t1 = time.process_time()
