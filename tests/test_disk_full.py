@@ -76,7 +76,7 @@ def _outputs(out: Path, *names: str) -> list[str]:
     return [str(out / n) for n in names]
 
 
-RUN_OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json", "report.html", "index/samples.parquet", "index/shards.parquet")
+RUN_OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json", "report.html", "index/@data/samples.parquet", "index/@data/shards.parquet")
 
 
 def _sweep(shim: Path, tmp: Path, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
