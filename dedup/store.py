@@ -58,13 +58,13 @@ from dedup.errors import DedupError, IndexBusyError, IndexConflictError, IndexUn
 from dedup.rows import FeatureRows, as_rows
 from dedup.signals import hash_codes
 
-FORMAT = 3  # 3: a folder per generation; vectors stored once, as parts (hard links to the checkpoints)
+FORMAT = 4  # 3: vectors stored once, as parts (hard links to the checkpoints); 4: and a folder per generation
 INDEX_DIR = "index"
 LOCK_NAME = ".lock"
 META = "meta.json"
 SAMPLES = "samples.parquet"
 SHARDS = "shards.parquet"
-EMBEDDINGS = "embeddings.npy"  # format 2's float32 copy (removed when a format 3 index is written)
+EMBEDDINGS = "embeddings.npy"  # format 2's float32 copy (removed when a newer index is written)
 EMBEDDINGS_FAISS = "embeddings.faiss"  # format 2's flat index (likewise)
 DATA_PREFIX = "data-"
 PDQ_FAISS = "pdq.faiss"
