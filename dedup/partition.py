@@ -89,7 +89,7 @@ class VectorFiles:
 
     def __init__(self, paths: Sequence[Path | tuple[Path, int, int]]) -> None:
         # Each item: a whole file, or ``(path, start, stop)``: rows start..stop-1 of one file
-        # (``index add`` reads the index's embeddings.npy in pieces between new shards' files).
+        # (``index add`` reads the index's vector parts and the new shards' checkpoints this way).
         self.paths: list[Path] = []
         self.starts: list[int] = []
         self.dtypes: list[np.dtype[Any]] = []
