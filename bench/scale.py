@@ -254,6 +254,62 @@ class Result:
     exit_code: int
     phases: list[dict[str, float | str]] | None = None
     peak_rss_wait4_gib: float = float("nan")  # not the run's peak: see the module docstring
+    input_vector_bytes: int = 0  # the img_emb/*.npy files (float16)
+    disk_peak_bytes: int = 0  # OUT (checkpoints, scratch, outputs) at its largest during the run
+    scratch_peak_bytes: int = 0  # the partitioned search's spill (OUT/.work/search) at its largest
+    out_final_bytes: int = 0  # OUT after the run, checkpoints included (hard links counted once)
+    checkpoint_bytes: int = 0  # OUT/.work/<stage>/ after the run
+
+
+class DiskWatch:
+    """Bytes allocated under a folder (``st_blocks``; a file hard-linked twice counted once),
+    sampled every ``interval`` s on a thread: the peak of the whole folder and of one subfolder."""
+
+    def __init__(self, folder: Path, sub: Path, interval: float = 0.25) -> None:
+        import threading
+
+        self.folder, self.sub, self.interval = folder, sub, interval
+        self.peak = self.sub_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> DiskWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        total, sub = usage(self.folder, self.sub)
+        self.peak = max(self.peak, total)
+        self.sub_peak = max(self.sub_peak, sub)
+
+
+def usage(folder: Path, sub: Path | None = None) -> tuple[int, int]:
+    """(bytes allocated under ``folder``, of which under ``sub``), each inode once."""
+    seen: set[tuple[int, int]] = set()
+    total = inside = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(parent, name))
+            except OSError:  # deleted while walking
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += st.st_blocks * 512
+            if sub is not None and parent.startswith(str(sub)):
+                inside += st.st_blocks * 512
+    return total, inside
 
 
 def run_cli(data: Path, out: Path, threshold: float, extra: list[str]) -> tuple[float, float, int]:
@@ -267,20 +323,23 @@ def run_cli(data: Path, out: Path, threshold: float, extra: list[str]) -> tuple[
     proc = subprocess.Popen(cmd, env={**os.environ, "DEDUP_PHASES": "1"}, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     phases.clear()
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        found = _PHASE.match(line)
-        if found:
-            phases.append({"phase": found["name"], "seconds": float(found["s"]), "peak_rss_gib": float(found["gib"])})
-    # wait4: this child's own rusage (RUSAGE_CHILDREN would keep the largest child of the run)
-    _, status, usage = os.wait4(proc.pid, 0)
+    with DiskWatch(out, out / ".work" / "search") as watch:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            found = _PHASE.match(line)
+            if found:
+                phases.append({"phase": found["name"], "seconds": float(found["s"]), "peak_rss_gib": float(found["gib"])})
+        # wait4: this child's own rusage (RUSAGE_CHILDREN would keep the largest child of the run)
+        _, status, rusage = os.wait4(proc.pid, 0)
+    disk.update(peak=watch.peak, scratch=watch.sub_peak)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    return wall, usage.ru_maxrss / (1 << 20), proc.returncode  # ru_maxrss is in KiB on Linux
+    return wall, rusage.ru_maxrss / (1 << 20), proc.returncode  # ru_maxrss is in KiB on Linux
 
 
 _PHASE = re.compile(r"^\[phase\] (?P<name>[^:]+): (?P<s>[0-9.]+) s, peak RSS (?P<gib>[0-9.]+) GiB")
 phases: list[dict[str, float | str]] = []
+disk: dict[str, int] = {}
 
 
 def check(data: Path, out: Path, n: int, threshold: float, queries: int, seed: int = 7) -> dict[str, float | int]:
@@ -376,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(Result(n, wall, rss, 0, 0, 0, 0, float("nan"), float("nan"), 0, before, after, code, list(phases), wait4_rss))
             continue
         report = json.loads((out / "report.json").read_text())
+        final, ckpt = usage(out, next((out / ".work").glob("[0-9a-f]*"), out / ".work"))
+        input_bytes = sum(p.stat().st_size for p in (data / "img_emb").glob("*.npy"))
         checked = check(data, out, n, args.threshold, args.queries)
         edges = int(report["links_per_signal"].get("precomputed", 0))
         pairs = int(report["embedding_pairs_at"].get(f"{args.threshold:g}", {}).get("pairs", edges))
@@ -384,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 n, wall, rss, edges, pairs,
                 int(checked["queries"]), int(checked["exact_pairs"]), float(checked["recall"]),
                 float(checked["far_below"]), int(checked["mates_checked"]), before, after, code, list(phases), wait4_rss,
+                input_bytes, disk["peak"], disk["scratch"], final, ckpt,
             )
         )  # fmt: skip
         if not args.keep:
@@ -397,6 +459,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r.phases:
             print(f"{r.n:>11,} per phase: " + "; ".join(f"{p['phase']} {p['seconds']:.1f} s / {p['peak_rss_gib']:.2f} GiB" for p in r.phases))
+    print()
+    print(f"{'N':>11} {'input GB':>9} {'peak disk GB':>13} {'× input':>8} {'scratch peak GB':>16} {'× input':>8} {'OUT after GB':>13} {'× input':>8}"
+          f" {'B/sample: peak':>15} {'scratch':>8} {'OUT':>6}")  # fmt: skip
+    for r in results:
+        if not r.input_vector_bytes:
+            continue
+        x = r.input_vector_bytes
+        print(
+            f"{r.n:>11,} {x / 1e9:>9.2f} {r.disk_peak_bytes / 1e9:>13.2f} {r.disk_peak_bytes / x:>8.2f} {r.scratch_peak_bytes / 1e9:>16.2f}"
+            f" {r.scratch_peak_bytes / x:>8.2f} {r.out_final_bytes / 1e9:>13.2f} {r.out_final_bytes / x:>8.2f}"
+            f" {r.disk_peak_bytes / r.n:>15.0f} {r.scratch_peak_bytes / r.n:>8.0f} {r.out_final_bytes / r.n:>6.0f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

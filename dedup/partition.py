@@ -89,7 +89,7 @@ class VectorFiles:
 
     def __init__(self, paths: Sequence[Path | tuple[Path, int, int]]) -> None:
         # Each item: a whole file, or ``(path, start, stop)``: rows start..stop-1 of one file
-        # (``index add`` reads the index's embeddings.npy in pieces between new shards' files).
+        # (``index add`` reads the index's vector parts and the new shards' checkpoints this way).
         self.paths: list[Path] = []
         self.starts: list[int] = []
         self.dtypes: list[np.dtype[Any]] = []
@@ -595,7 +595,7 @@ def _split(cell: _Cell, k: int, run: _Run, root: Path) -> Iterator[_DiskCell]:
     parent = cell.directory if isinstance(cell, _DiskCell) else None
     # What this split may hold: the budget, less what is held already (other cells of the
     # levels above, edges), plus the parent's own rows once they go (after the last pass).
-    room = max(0, run.scratch.budget - run.scratch.held)
+    room = _room(run, cell, row_bytes)
     ranges = _plan(estimate, room)
     first = ranges[0]
     single = len(ranges) == 1
@@ -623,7 +623,7 @@ def _split(cell: _Cell, k: int, run: _Run, root: Path) -> Iterator[_DiskCell]:
     if single:
         return
     # Later passes: the true sizes are known now; the cells of the first pass are gone.
-    for lo, hi in _plan(counts * row_bytes, max(0, run.scratch.budget - run.scratch.held), start=first[1]):
+    for lo, hi in _plan(counts * row_bytes, _room(run, cell, row_bytes), start=first[1]):
         t3 = time.perf_counter()
         spill = _Spill(root, k, run.scratch)
         for b, (pos, raw, home) in enumerate(cell.blocks(_BLOCK_ROWS)):
@@ -642,6 +642,17 @@ def _split(cell: _Cell, k: int, run: _Run, root: Path) -> Iterator[_DiskCell]:
             if parent is not None:
                 _remove_rows(parent, run)
         yield from _children(spill, cell, (lo, hi))
+
+
+def _room(run: _Run, cell: _Cell, row_bytes: int) -> int:
+    """What a split may write per pass: the budget less what is held (the levels above, the
+    edges). A nested split (a cell on disk too big for memory) may always write twice its own
+    cell, or it would pass over its input once per child when the level above fills the
+    budget: so the peak is the budget plus at most twice the largest cell split again."""
+    room = max(0, run.scratch.budget - run.scratch.held)
+    if isinstance(cell, _DiskCell):
+        room = max(room, 2 * cell.n * row_bytes)
+    return room
 
 
 def _plan(nbytes: np.ndarray, room: int, *, start: int = 0) -> list[tuple[int, int]]:

@@ -334,11 +334,6 @@ def finish(
         write_keep_list(manifest, out_dir / "keep.parquet")
         write_remove_list(manifest, out_dir / REMOVE_LIST)
         timer.done("write manifest")
-        # The index stores the vectors as the checkpoints hold them (hard links where it can):
-        # ``stored_vectors`` are those files when ``vectors`` were read into memory.
-        stored = stored_vectors if stored_vectors is not None else vectors
-        write_index(index_dir(out_dir), rows, stored, labels, cfg, catalog=catalog, embedding_model=_index_model(shard_stats, vectors, cfg))
-        timer.done("write index")
         report = build_report(manifest, edges, levels, cfg, shard_stats=shard_stats, embedding_label=embedding_label)
         if evals:
             assert contamination is not None
@@ -353,6 +348,13 @@ def finish(
             report, out_dir, manifest=manifest, shards=shards, features=rows, thumb_size=cfg.report.thumb_size
         )
         timer.done("write report")
+        # The index last: its meta.json is what `index add` (and check --update) resume from, so
+        # once it names the new generation, every other output is already written.
+        # It stores the vectors as the checkpoints hold them (hard links where it can):
+        # ``stored_vectors`` are those files when ``vectors`` were read into memory.
+        stored = stored_vectors if stored_vectors is not None else vectors
+        write_index(index_dir(out_dir), rows, stored, labels, cfg, catalog=catalog, embedding_model=_index_model(shard_stats, vectors, cfg))
+        timer.done("write index")
         timer.close()
         bar.update(1)
     summary = report["summary"]

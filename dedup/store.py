@@ -8,21 +8,22 @@ Layout of ``OUT/index/``, versioned by ``meta.json``'s ``format`` (:data:`FORMAT
 
     meta.json          format, generation (+1 per write), model, input size, dim, row counts,
                        the resolved config, and the sources in index order (as given, resolved)
-    samples.parquet    one row per sample, in index order: every column of featurize.SCHEMA
+    data-<gen>/        this generation's files (below); meta.json, written last, names it, so
+                       an interrupted write leaves the previous generation whole
+      samples.parquet  one row per sample, in index order: every column of featurize.SCHEMA
                        (ids, metadata, status, hashes, has_image, embedded, meta) + cluster_id
                        and emb_row (the sample's row in the vectors, -1 if not embedded)
-    shards.parquet     one row per shard included, in index order: shard_id, source_index,
+      shards.parquet   one row per shard included, in index order: shard_id, source_index,
                        source, path, kind, stamp, members, rows, embedded, stats (JSON)
-    vectors-<gen>/     the embeddings, stored once: ``NNNNNN.npy`` parts (meta.json's
+      NNNNNN.npy       the embeddings, stored once: parts (meta.json's
                        ``vector_parts``: name and rows, in the order of the embedded samples),
                        each as the checkpoint stored it (float16 input stays float16, read as
                        float32 unit rows by dedup.partition.unit32) and, where the file system
-                       allows, a hard link to that checkpoint: no second copy on disk. A new
-                       generation writes a new folder; the old one goes once meta.json names
-                       the new. The flat faiss index ``check`` and ``query`` search is built
-                       from them when the index is opened (at most search.partition_above).
-    pdq.faiss          a faiss binary index of the ok images' PDQ hashes (faiss id = sample row)
-    phash.faiss        the same for pHash, when pHash is computed
+                       allows, a hard link to that checkpoint: no second copy on disk. The flat
+                       faiss index ``check`` and ``query`` search is built from them when the
+                       index is opened (at most search.partition_above vectors).
+      pdq.faiss        a faiss binary index of the ok images' PDQ hashes (faiss id = sample row)
+      phash.faiss      the same for pHash, when pHash is computed
     .lock              flock(2): shared while a reader loads, exclusive while a writer writes
 
 Index order is ``dedup run``'s order over the index's sources: sources in the order they joined
@@ -57,15 +58,15 @@ from dedup.errors import DedupError, IndexBusyError, IndexConflictError, IndexUn
 from dedup.rows import FeatureRows, as_rows
 from dedup.signals import hash_codes
 
-FORMAT = 3  # 3: vectors stored once, as parts (hard links to the checkpoints)
+FORMAT = 4  # 3: vectors stored once, as parts (hard links to the checkpoints); 4: and a folder per generation
 INDEX_DIR = "index"
 LOCK_NAME = ".lock"
 META = "meta.json"
 SAMPLES = "samples.parquet"
 SHARDS = "shards.parquet"
-EMBEDDINGS = "embeddings.npy"  # format 2's float32 copy (removed when a format 3 index is written)
+EMBEDDINGS = "embeddings.npy"  # format 2's float32 copy (removed when a newer index is written)
 EMBEDDINGS_FAISS = "embeddings.faiss"  # format 2's flat index (likewise)
-VECTORS_PREFIX = "vectors-"
+DATA_PREFIX = "data-"
 PDQ_FAISS = "pdq.faiss"
 PHASH_FAISS = "phash.faiss"
 EXTRA_COLUMNS = ("cluster_id", "emb_row")  # samples.parquet's columns beyond featurize.SCHEMA
@@ -224,17 +225,22 @@ def write_index(
             yield group.append_column("emb_row", pa.array(emb_row[start:stop], pa.int64()))
             start = stop
 
-    _GroupWriter(directory / SAMPLES, schema, compression="zstd").write(samples())
-    emb_row = np.empty(0, np.int64)  # written: free it while the rest is
-    with atomic_path(directory / SHARDS) as tmp:
-        pq.write_table(_shards_table(catalog), tmp, compression="zstd")
+    # Every file of this generation goes into its own folder; meta.json, written last, makes it
+    # the index: an interrupted write (a full disk, a kill) leaves the previous one whole.
     generation = int(previous.get("generation", 0)) + 1
-    parts, dim, n_vectors = write_vectors(directory / f"{VECTORS_PREFIX}{generation:06d}", vectors, catalog)
+    data = directory / f"{DATA_PREFIX}{generation:06d}"
+    _rmtree(data)  # an interrupted write's
+    data.mkdir(parents=True)
+    _GroupWriter(data / SAMPLES, schema, compression="zstd").write(samples())
+    emb_row = np.empty(0, np.int64)  # written: free it while the rest is
+    with atomic_path(data / SHARDS) as tmp:
+        pq.write_table(_shards_table(catalog), tmp, compression="zstd")
+    parts, dim, n_vectors = write_vectors(data, vectors, catalog)
     ok_image = rows.equals("status", "ok") & rows.flags("has_image")
     pdq_rows, pdq_codes = hash_codes(rows, "pdq", ok_image)
-    _write_binary(directory / PDQ_FAISS, pdq_rows, pdq_codes)
+    _write_binary(data / PDQ_FAISS, pdq_rows, pdq_codes)
     ph_rows, ph_codes = hash_codes(rows, "phash", ok_image)
-    _write_binary(directory / PHASH_FAISS, ph_rows, ph_codes)
+    _write_binary(data / PHASH_FAISS, ph_rows, ph_codes)
     meta = {
         "format": FORMAT,
         "dedup_version": __version__,
@@ -244,7 +250,7 @@ def write_index(
         "dim": dim,
         "samples": rows.num_rows,
         "embedded": n_vectors,
-        "vectors": f"{VECTORS_PREFIX}{generation:06d}",
+        "data": data.name,
         "vector_parts": parts,
         "shards": len(catalog.shards),
         "stage_key": cfg.stage_key(),
@@ -252,11 +258,11 @@ def write_index(
         "config": to_dict(cfg),
     }
     atomic_write_text(directory / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _remove_stale_vectors(directory, keep=str(meta["vectors"]))
+    _remove_stale_data(directory, keep=data.name)
 
 
 def write_vectors(folder: Path, vectors: Any, catalog: Catalog) -> tuple[list[list[Any]], int, int]:
-    """The embeddings as parts in ``folder`` (made afresh): ``([name, rows] per part, dim, rows)``.
+    """The embeddings as parts in ``folder``: ``([name, rows] per part, dim, rows)``.
 
     From a :class:`~dedup.partition.VectorFiles` (a run's checkpoints, or an index's parts and
     new checkpoints for an add), each whole file becomes a part: hard-linked where the file
@@ -265,9 +271,6 @@ def write_vectors(folder: Path, vectors: Any, catalog: Catalog) -> tuple[list[li
     """
     from dedup.partition import VectorFiles
 
-    if folder.exists():
-        _rmtree(folder)
-    folder.mkdir(parents=True)
     parts: list[list[Any]] = []
     if isinstance(vectors, VectorFiles):
         for f, path in enumerate(vectors.paths):
@@ -300,8 +303,13 @@ def vector_files(directory: Path, meta: dict[str, Any]) -> Any:
     """The index's vectors as a :class:`~dedup.partition.VectorFiles` (nothing read yet)."""
     from dedup.partition import VectorFiles
 
-    folder = directory / str(meta.get("vectors", ""))
+    folder = data_dir(directory, meta)
     return VectorFiles([folder / name for name, _ in meta.get("vector_parts", [])])
+
+
+def data_dir(directory: Path, meta: dict[str, Any]) -> Path:
+    """The folder of the index's current generation (samples, shards, hashes, vectors)."""
+    return directory / str(meta.get("data", ""))
 
 
 def _npy_rows(path: Path) -> int:
@@ -325,13 +333,13 @@ def _rmtree(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _remove_stale_vectors(directory: Path, *, keep: str) -> None:
-    """Earlier generations' vector folders (and format 2's single copy), once meta.json names
-    the new one; an interrupted write's folder too."""
+def _remove_stale_data(directory: Path, *, keep: str) -> None:
+    """Earlier generations' folders (and format 2's files), once meta.json names the new one;
+    an interrupted write's folder too."""
     for path in directory.iterdir():
-        if path.name.startswith(VECTORS_PREFIX) and path.name != keep and path.is_dir():
+        if path.name.startswith(DATA_PREFIX) and path.name != keep and path.is_dir():
             _rmtree(path)
-    for name in (EMBEDDINGS, EMBEDDINGS_FAISS):
+    for name in (EMBEDDINGS, EMBEDDINGS_FAISS, SAMPLES, SHARDS, PDQ_FAISS, PHASH_FAISS):
         (directory / name).unlink(missing_ok=True)
 
 
@@ -450,7 +458,8 @@ def read_index(
     try:
         config = from_dict(RunConfig, meta["config"])
         catalog = _read_catalog(directory, meta)
-        samples = pq.read_table(directory / SAMPLES, columns=None if columns is None else list(columns))
+        data = data_dir(directory, meta)
+        samples = pq.read_table(data / SAMPLES, columns=None if columns is None else list(columns))
         files = vector_files(directory, meta) if (vectors or search) else None
         emb = np.asarray(files) if vectors and files is not None and len(files) else None
         if vectors and emb is None:
@@ -461,10 +470,10 @@ def read_index(
                 # Built here, not stored: a flat index is a second float32 copy of the vectors.
                 embeddings = faiss.IndexFlatIP(files.dim)
                 embeddings.add(emb if emb is not None else np.asarray(files))
-            if (directory / PDQ_FAISS).is_file():
-                pdq = faiss.read_index_binary(str(directory / PDQ_FAISS))
-            if (directory / PHASH_FAISS).is_file():
-                phash = faiss.read_index_binary(str(directory / PHASH_FAISS))
+            if (data / PDQ_FAISS).is_file():
+                pdq = faiss.read_index_binary(str(data / PDQ_FAISS))
+            if (data / PHASH_FAISS).is_file():
+                phash = faiss.read_index_binary(str(data / PHASH_FAISS))
     except DedupError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, pa.ArrowException) as err:
@@ -482,7 +491,7 @@ def read_index(
 
 def _read_catalog(directory: Path, meta: dict[str, Any]) -> Catalog:
     sources = tuple(IndexedSource(s["source"], s["resolved"]) for s in meta.get("sources", []))
-    rows = pq.read_table(directory / SHARDS, schema=SHARDS_SCHEMA).to_pylist()
+    rows = pq.read_table(data_dir(directory, meta) / SHARDS, schema=SHARDS_SCHEMA).to_pylist()
     shards = tuple(
         IndexedShard(
             shard=Shard(

@@ -288,9 +288,10 @@ def test_index_add_reads_the_stored_vectors_in_pieces_and_equals_the_full_run(tm
     run([str(a)], inc, config=cfg)
     result = add([str(b)], inc)
     assert result.added_shards == 2 and result.result is not None
-    for name in ("manifest.parquet", "keep.parquet", "report.json", "index/samples.parquet"):
+    for name in ("manifest.parquet", "keep.parquet", "report.json"):
         assert (inc / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     from dedup.store import open_index
 
     assert np.array_equal(open_index(inc, vectors=True).vectors, open_index(tmp_path / "full", vectors=True).vectors)  # type: ignore[arg-type]
-    assert len(list((inc / "index").glob("vectors-*"))) == 1  # the earlier generation's folder is gone
+    assert len(list((inc / "index").glob("data-*"))) == 1  # the earlier generation's folder is gone
+    assert open_index(inc, columns=None).samples == open_index(tmp_path / "full", columns=None).samples

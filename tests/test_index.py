@@ -29,7 +29,7 @@ from dedup.store import (
 )
 
 FAST = PLAIN.with_overrides({"embed.model": "sscd_distilled", "embed.size": 224, "folder_batch": 4})
-OUTPUTS = ("manifest.parquet", "keep.parquet", "remove.parquet", "report.json", "index/samples.parquet")
+OUTPUTS = ("manifest.parquet", "keep.parquet", "remove.parquet", "report.json")
 runner = CliRunner()
 
 
@@ -38,6 +38,11 @@ def _same_outputs(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     from dedup.store import open_index as open_store
 
+    def samples(out: Path) -> bytes:
+        meta = json.loads((out / "index" / "meta.json").read_text())
+        return (out / "index" / meta["data"] / "samples.parquet").read_bytes()
+
+    assert samples(a) == samples(b)
     va, vb = open_store(a, vectors=True).vectors, open_store(b, vectors=True).vectors
     assert va is not None and vb is not None and va.dtype == vb.dtype and np.array_equal(va, vb)
 
@@ -162,20 +167,20 @@ def test_index_layout(sample_images_dir: PlantedDataset, tmp_path: Path) -> None
     out = tmp_path / "out"
     run([str(root)], out, config=FAST)
     d = out / "index"
-    for name in ("meta.json", "samples.parquet", "shards.parquet", "pdq.faiss", ".lock"):
-        assert (d / name).is_file(), name
     meta = json.loads((d / "meta.json").read_text())
-    assert meta["format"] == FORMAT == 3
-    parts = [d / meta["vectors"] / name for name, _ in meta["vector_parts"]]
+    for name in ("meta.json", f"{meta['data']}/samples.parquet", f"{meta['data']}/shards.parquet", f"{meta['data']}/pdq.faiss", ".lock"):
+        assert (d / name).is_file(), name
+    assert meta["format"] == FORMAT == 4
+    parts = [d / meta["data"] / name for name, _ in meta["vector_parts"]]
     assert parts and all(p.is_file() for p in parts) and not (d / "embeddings.npy").exists()
     # stored once: each part is the shard's checkpoint, hard-linked
     assert all(p.stat().st_nlink == 2 for p in parts)
     assert meta["samples"] == len(truth) and meta["shards"] == 4
     assert meta["sources"] == [{"source": str(root), "resolved": str(root.resolve())}]
     assert meta["config"]["embed"]["model"] == "sscd_distilled" and meta["stage_key"] == FAST.stage_key()
-    samples = pq.read_table(d / "samples.parquet")
+    samples = pq.read_table(d / meta["data"] / "samples.parquet")
     assert samples.column_names == [*SCHEMA.names, "cluster_id", "emb_row"]
-    shards = pq.read_table(d / "shards.parquet").to_pylist()
+    shards = pq.read_table(d / meta["data"] / "shards.parquet").to_pylist()
     assert [s["shard_id"] for s in shards] == ["part-00000", "part-00001", "part-00002", "part-00003"]
     assert sum(s["rows"] for s in shards) == len(truth)
     assert sum(len(s["members"]) for s in shards) == len(truth)
@@ -205,7 +210,7 @@ def test_unreadable_indexes(sample_images_dir: PlantedDataset, tmp_path: Path) -
     meta_path = out / "index" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format": 1}))
-    with pytest.raises(IndexUnreadableError, match=r"has format 1; this dedup .* reads format 3; hint: rebuild"):
+    with pytest.raises(IndexUnreadableError, match=r"has format 1; this dedup .* reads format 4; hint: rebuild"):
         open_index(out)
 
 

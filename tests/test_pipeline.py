@@ -61,7 +61,7 @@ def test_outputs_and_report(sample_images_dir: PlantedDataset, tmp_path: Path) -
     out = tmp_path / "out"
     run([str(root)], out, config=FAST)
     for name in ("manifest.parquet", "keep.parquet", "report.json", "report.html", "config.json",
-                 "index/meta.json", "index/samples.parquet"):
+                 "index/meta.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     m = _manifest(out)

@@ -503,7 +503,7 @@ def _assert_checkpoints_valid(out: Path) -> None:
             assert np.load(fh).shape[0] == body["stats"]["embedded"]
 
 
-_OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json", "index/samples.parquet", "index/shards.parquet")
+_OUTPUTS = ("manifest.parquet", "keep.parquet", "report.json")
 
 
 KILL_SHARDS = 7

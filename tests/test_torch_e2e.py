@@ -41,9 +41,13 @@ def _assert_index_holds_the_models_vectors(out: Path, options: dict[str, object]
     cfg = load_config("default").with_overrides(options)
     embedder = build_embedder(cfg.embed, threads=1)
     assert embedder is not None
-    samples = pq.read_table(out / "index" / "samples.parquet", columns=["sample_id", "emb_row"]).to_pydict()
+    from dedup.store import open_index
+
+    index = open_index(out, columns=["sample_id", "emb_row"], vectors=True)
+    samples = index.samples.to_pydict()
     rows = dict(zip(samples["sample_id"], samples["emb_row"], strict=True))
-    vectors = np.load(out / "index" / "embeddings.npy")
+    vectors = index.vectors
+    assert vectors is not None
     assert vectors.shape[1] == embedder.dim
     checked = 0
     for shard in discover([str(SAMPLE)]):

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from dedup.decisions import DECISIONS_FILE, SAMPLE_FILE, SAMPLE_SCHEMA, pair_key, read_decisions
 from dedup.errors import OutputError
-from dedup.store import EMBEDDINGS, index_dir, open_index
+from dedup.store import index_dir, open_index, vector_files
 from dedup.errors import DedupError
 
 WEAKEST_PER_SIGNAL = 12
@@ -79,7 +79,7 @@ class RunView:
     manifest: pa.Table
     sha256: list[bytes | None]
     emb_row: np.ndarray  # -1: not embedded
-    vectors: Any  # memory-mapped embeddings.npy, or None
+    vectors: Any  # the index's vectors (dedup.partition.VectorFiles: rows gathered on demand), or None
 
     @classmethod
     def open(cls, out: Path) -> RunView:
@@ -99,9 +99,9 @@ class RunView:
             if index.samples.num_rows == n:
                 sha = index.samples.column("sha256").to_pylist()
                 emb_row = np.asarray(index.samples.column("emb_row").to_numpy(zero_copy_only=False), np.int64)
-                emb_path = index_dir(out) / EMBEDDINGS
-                if emb_path.is_file():
-                    vectors = np.load(emb_path, mmap_mode="r")
+                files = vector_files(index_dir(out), index.meta)  # read a few rows at a time
+                if len(files):
+                    vectors = files
         except DedupError:
             pass  # no index (or another generation): ids alone key the decisions, no disagreement
         return cls(out, manifest, sha, emb_row, vectors)
