@@ -109,6 +109,10 @@ class _Handler(SimpleHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     faults: dict[str, Fault]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a timeout on a slow body, a test that ended) is no error of
+        the server's; never print a traceback into the output a test is reading."""
     gets: dict[str, int]
     lock: threading.Lock
 
