@@ -13,10 +13,11 @@ Usage::
                 used (MATE, Plasma, Lomiri 16.04/20.04): the collections the presets were tuned
                 on. Tune here.
     OUT/test/   collections nobody tuned on: Tux Paint's stamps (drawings and photo cut-outs),
-                Noto Color Emoji (rendered), Oxygen icons (largest size), Stellarium's nebula
-                photographs and sky-culture drawings, photographs from UKUI's and Lomiri's
-                wallpapers, Stellarium's landscape panoramas and the sample images scikit-image,
-                scikit-learn and matplotlib ship. Never tune here.
+                Noto Color Emoji (rendered), Oxygen icons (largest size), the MATE, GNOME and
+                Faenza icon themes (largest PNG of each name), Stellarium's nebula photographs
+                and sky-culture drawings, photographs from UKUI's wallpapers, Stellarium's
+                landscape panoramas and the sample images scikit-image and scikit-learn ship,
+                and rendered glyph sheets (DejaVu, Liberation). Never tune here.
     OUT/distractors/   real images distinct from everything in test (no copies): the leftovers
                 of the test collections nobody picked as originals or fillers, 256-320 px
                 photograph crops of wallpapers in neither split (GNOME, desktop-base, sway,
@@ -165,6 +166,45 @@ def _oxygen_files() -> list[Path]:
 def _oxygen_family(p: Path) -> str:
     parts = p.stem.split("-")
     return "-".join(parts[:-1]) if len(parts) > 1 else p.stem
+
+
+ICON_THEMES = {  # package: (icon folder, sizes, largest first)
+    "mate-icon-theme": ("usr/share/icons/mate", ("256x256", "48x48")),
+    "gnome-icon-theme": ("usr/share/icons/gnome", ("256x256", "48x48")),
+    "faenza-icon-theme": ("usr/share/icons/Faenza", ("96",)),
+}
+
+
+def _icon_theme_files() -> list[Path]:
+    """The largest PNG of each icon name in each of :data:`ICON_THEMES` (one theme's
+    ``folder`` and another's are different drawings of one thing: family look-alikes)."""
+    out = []
+    for pkg, (base, sizes) in ICON_THEMES.items():
+        root = _pkg(pkg)
+        if root is None:
+            continue
+        best: dict[str, Path] = {}
+        for size in sizes:
+            for p in sorted((root / base).rglob("*.png")):
+                if p.is_symlink() or not any(part.startswith(size) for part in p.relative_to(root / base).parts):
+                    continue
+                best.setdefault(p.stem, p)
+        out += sorted(best.values())
+    return out
+
+
+def _icon_family(p: Path) -> str:
+    stem = re.sub(r"-symbolic$", "", p.stem)
+    return stem.split("-")[0] + "-" + stem.split("-")[1] if "-" in stem else stem
+
+
+def _glyph_originals(n: int, seed: int, workers: int) -> list[Orig]:
+    """Rendered glyph sheets (DejaVu and Liberation fonts, random characters, colours, sizes)."""
+    fonts = sorted(str(p) for pkg in ("fonts-dejavu-core", "fonts-liberation2") if (r := _pkg(pkg)) for p in r.rglob("*.ttf"))
+    if not fonts:
+        return []
+    sheets = qd._map(_glyph_sheet, [(i, seed + 1_000_003, fonts) for i in range(n)], workers, chunksize=32)
+    return [Orig("glyphs", "clipart", f"glyphs:{i}", qd.decode(d)) for i, d in enumerate(sheets)]
 
 
 def _tuxpaint_files() -> list[Path]:
@@ -600,8 +640,10 @@ def _split_originals(split: str, seed: int, scale: float, workers: int, log: Cal
         add(*_path_collection("oxygen", "icon", _oxygen_files(), n(550), n(250), seed, _oxygen_family, 96, workers))
         add(*_path_collection("stellarium", "photo", _stellarium("nebulae") + _stellarium("skycultures"), n(450), n(200),
                               seed, _stel_family, 128, workers, 0.97))
+        add(*_path_collection("icon-themes", "icon", _icon_theme_files(), n(700), n(250), seed, _icon_family, 48, workers))
         photos, pspare = _photo_collection("photos-test", TEST_PHOTOS, n(450), seed, (256, 288, 320, 384), workers)
         add(photos, [], pspare)
+        add(_glyph_originals(n(700), seed, workers), [], [])
         bgs = []
         for nm, d in _photo_sources(TEST_BACKGROUNDS):
             with Image.open(io.BytesIO(d)) as im:
