@@ -830,7 +830,7 @@ def _glyph_sheet(args: tuple[int, int, list[str]]) -> bytes:
     fg = tuple(255 - c for c in bg) if rng.random() < 0.7 else tuple(int(c) for c in rng.integers(0, 256, 3))
     im = Image.new("RGB", (W, H), bg)
     d = ImageDraw.Draw(im)
-    font = ImageFont.truetype(fonts[int(rng.integers(len(fonts)))], int(rng.integers(14, 72)))
+    font = ImageFont.truetype(fonts[int(rng.integers(len(fonts)))], int(rng.integers(14, 72)), layout_engine=ImageFont.Layout.BASIC)
     y = int(rng.integers(-10, 20))
     while y < H:
         chars = "".join(chr(int(c)) for c in rng.integers(33, 0x24F, int(rng.integers(4, 30))))
