@@ -986,6 +986,27 @@ def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: 
         asg = {r["file"]: r["cluster_id"] for r in t}
         bins = _paste_bins(test, asg)
         print(f"- {nm}: " + ", ".join(f"{k} {f / t_:.2f} ({f}/{t_})" for k, (f, t_) in bins.items()))
+    # The chaining guard ([cluster] guard = true), scored on the same run's links (a dedup run
+    # through `bench/cluster_eval.py dump` saves them): no second model run needed.
+    import cluster_eval
+
+    guard_rows = []
+    for n in distractors:
+        folder = test if n == 0 else data / f"test+{n}"
+        for nm in names:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", nm).strip("_")
+            links = out / f"test+{n}" / slug / "dedup"
+            if (links / "_links.npz").exists():
+                for variant, s in cluster_eval.score_variants(folder, links, [2]):
+                    guard_rows.append((n, nm, variant, s))
+    if guard_rows:
+        print("\nClustering of the same links (`bench/cluster_eval.py`; test split):\n")
+        print("| distractors | method | clustering | P | R | F1 | partial | hard-neg merges | template links |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for n, nm, variant, s in guard_rows:
+            pr = s.get("partial_recall")
+            print(f"| +{n} | {nm} | {variant} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | "
+                  f"{pr if pr is None else f'{pr:.3f}'} | {s['hard_negatives']['merged']} | {s.get('template_links', '–')} |")
     return 0
 
 
