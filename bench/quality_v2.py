@@ -929,7 +929,8 @@ def _paste_bins(data: Path, assignment: dict[str, Any]) -> dict[str, tuple[int, 
     return {k: (v[0], v[1]) for k, v in sorted(bins.items())}
 
 
-def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: Path, extra: Sequence[str]) -> int:
+def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: Path, extra: Sequence[str],
+           reuse: bool = False) -> int:
     import pyarrow.parquet as pq
 
     test = data / "test"
@@ -940,8 +941,12 @@ def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: 
         cmd = [sys.executable, str(HERE / "quality.py"), "--data", str(folder), "--out", str(o)]
         for m in methods:
             cmd += ["--method", m]
-        print("$", " ".join(cmd), flush=True)
-        rc = subprocess.run([*cmd, *extra], check=False).returncode
+        if reuse and (o / "results.json").exists():
+            print(f"reusing {o / 'results.json'}")
+            rc = 0
+        else:
+            print("$", " ".join(cmd), flush=True)
+            rc = subprocess.run([*cmd, *extra], check=False).returncode
         if not (o / "results.json").exists():
             print(f"quality.py failed (exit {rc})")
             return 1
@@ -976,7 +981,7 @@ def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: 
     for nm in names:
         s = base["methods"][nm]["score"]
         if s:
-            print(f"| {nm} | " + " | ".join(f"{s['recall_by_edit'].get(e, 0):.2f}" for e in edits) + " |")
+            print(f"| {nm} | " + " | ".join(f"{s['recall_by_edit'].get(e, {}).get('recall') or 0:.2f}" for e in edits) + " |")
     print("\nPastes by the picture's share of the scene (test split; found / total):\n")
     for nm in names:
         a = base["methods"][nm].get("assignment")
@@ -1027,6 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality-v2")
     r.add_argument("--distractors", default="0,10000", help="comma-separated distractor counts (default %(default)s)")
     r.add_argument("--method", action="append", default=None)
+    r.add_argument("--reuse", action="store_true", help="print the tables from results.json files already there")
     a, extra = ap.parse_known_args(argv)
     if a.cmd == "build":
         for s in a.splits.split(","):
@@ -1037,7 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_distractors(a.out / "distractors", a.out / "test", n, seed=a.seed, workers=a.workers)
         return 0
     methods = a.method or ["dedup:default", "immaculate:sscd_distilled", "immaculate:pdq", "imagehash:phash"]
-    return report(a.data, [int(x) for x in a.distractors.split(",")], methods, a.out, extra)
+    return report(a.data, [int(x) for x in a.distractors.split(",")], methods, a.out, extra, a.reuse)
 
 
 if __name__ == "__main__":
