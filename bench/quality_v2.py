@@ -939,6 +939,8 @@ def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: 
         folder = test if n == 0 else with_distractors(test, data / "distractors", n, data / f"test+{n}")
         o = out / f"test+{n}"
         cmd = [sys.executable, str(HERE / "quality.py"), "--data", str(folder), "--out", str(o)]
+        if "--dedup" not in extra:  # dedup through cluster_eval's wrapper: it saves the links
+            cmd += ["--dedup", f"{sys.executable} {HERE / 'cluster_eval.py'} dump"]
         for m in methods:
             cmd += ["--method", m]
         if reuse and (o / "results.json").exists():
