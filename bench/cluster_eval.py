@@ -27,6 +27,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
+def pa_array(values: Sequence[str]):  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.string())
+
+
 def dump(argv: Sequence[str]) -> int:
     """Run the dedup CLI with ``argv``, saving the links the cluster step sees."""
     import dedup.pipeline as pipeline
@@ -46,7 +52,7 @@ def dump(argv: Sequence[str]) -> int:
     return main() or 0
 
 
-def score_variants(data: Path, run: Path, hops: Sequence[int]) -> list[tuple[str, dict]]:
+def score_variants(data: Path, run: Path, hops: Sequence[int], skip: Sequence[str] = ()) -> list[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(HERE))
@@ -62,6 +68,14 @@ def score_variants(data: Path, run: Path, hops: Sequence[int]) -> list[tuple[str
     assert len(man["key"]) == n, "the manifest and the links disagree on the rows"
     ok = [s == "ok" for s in man["status"]]
     labels_table = load_labels(data)
+    if skip:  # leave distractors of these kinds out of the scoring (distractors/order.json)
+        import json
+
+        import pyarrow.compute as pc
+
+        kinds = json.loads((data.parent / "distractors" / "order.json").read_text())
+        drop = [nm for nm, key in kinds if key.split("/")[0] in skip]
+        labels_table = labels_table.filter(pc.invert(pc.is_in(labels_table.column("file"), value_set=pa_array(drop))))
 
     def assign(labels: np.ndarray) -> dict[str, int]:
         return {str(k): int(c) for k, c, o in zip(man["key"], labels, ok, strict=True) if o}
@@ -86,8 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--run", type=Path, required=True, help="the dedup output folder holding _links.npz")
     ap.add_argument("--hops", default="0,1,2,3")
+    ap.add_argument("--skip-distractors", default="", help="comma-separated distractor kinds left out of the scores (e.g. crop)")
     a = ap.parse_args(argv)
-    rows = score_variants(a.data, a.run, [int(x) for x in a.hops.split(",")])
+    skip = [k for k in a.skip_distractors.split(",") if k]
+    rows = score_variants(a.data, a.run, [int(x) for x in a.hops.split(",")], skip)
     print("| clustering | P | R | F1 | partial | hard-neg merges | template links | detached |")
     print("|---|---|---|---|---|---|---|---|")
     for name, s in rows:

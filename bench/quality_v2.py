@@ -13,13 +13,14 @@ Usage::
                 used (MATE, Plasma, Lomiri 16.04/20.04): the collections the presets were tuned
                 on. Tune here.
     OUT/test/   collections nobody tuned on: Tux Paint's stamps (drawings and photo cut-outs),
-                Noto Color Emoji (rendered), Oxygen icons (largest size), Stellarium's nebula
-                photographs and sky-culture drawings, photographs from UKUI's and Lomiri's
-                wallpapers, Stellarium's landscape panoramas and the sample images scikit-image,
-                scikit-learn and matplotlib ship. Never tune here.
+                Noto Color Emoji (rendered), Oxygen icons (largest size), the MATE, GNOME and
+                Faenza icon themes (largest PNG of each name), Stellarium's nebula photographs
+                and sky-culture drawings, photographs from UKUI's wallpapers, Stellarium's
+                landscape panoramas and the sample images scikit-image and scikit-learn ship,
+                and rendered glyph sheets (DejaVu, Liberation). Never tune here.
     OUT/distractors/   real images distinct from everything in test (no copies): the leftovers
-                of the test collections nobody picked as originals or fillers, 256-320 px
-                photograph crops of wallpapers in neither split (GNOME, desktop-base, sway,
+                of the test collections nobody picked as originals or fillers, one 256-320 px
+                crop of each wallpaper in neither split (GNOME, desktop-base, sway,
                 propaganda, Stellarium textures) and rendered glyph sheets (DejaVu and
                 Liberation fonts, random words) to make up the count. ``test+N`` folders
                 (test + the first N distractors, as singleton groups) are made by ``report``.
@@ -71,6 +72,7 @@ PKG_CACHE = DATA / "photos"
 WHEELS = DATA / "wheels"
 DEFAULT_OUT = DATA / "quality-v2"
 VERSION = 3
+DISTRACTOR_VERSION = 4  # 4: one crop per photograph
 SPLIT_SCALE = {"dev": 1.0, "test": 1.15}  # together >= 10,000 images (issue 24)
 
 EDIT_SHARES: dict[str, float] = {
@@ -165,6 +167,45 @@ def _oxygen_files() -> list[Path]:
 def _oxygen_family(p: Path) -> str:
     parts = p.stem.split("-")
     return "-".join(parts[:-1]) if len(parts) > 1 else p.stem
+
+
+ICON_THEMES = {  # package: (icon folder, sizes, largest first)
+    "mate-icon-theme": ("usr/share/icons/mate", ("256x256", "48x48")),
+    "gnome-icon-theme": ("usr/share/icons/gnome", ("256x256", "48x48")),
+    "faenza-icon-theme": ("usr/share/icons/Faenza", ("96",)),
+}
+
+
+def _icon_theme_files() -> list[Path]:
+    """The largest PNG of each icon name in each of :data:`ICON_THEMES` (one theme's
+    ``folder`` and another's are different drawings of one thing: family look-alikes)."""
+    out = []
+    for pkg, (base, sizes) in ICON_THEMES.items():
+        root = _pkg(pkg)
+        if root is None:
+            continue
+        best: dict[str, Path] = {}
+        for size in sizes:
+            for p in sorted((root / base).rglob("*.png")):
+                if p.is_symlink() or not any(part.startswith(size) for part in p.relative_to(root / base).parts):
+                    continue
+                best.setdefault(p.stem, p)
+        out += sorted(best.values())
+    return out
+
+
+def _icon_family(p: Path) -> str:
+    stem = re.sub(r"-symbolic$", "", p.stem)
+    return stem.split("-")[0] + "-" + stem.split("-")[1] if "-" in stem else stem
+
+
+def _glyph_originals(n: int, seed: int, workers: int) -> list[Orig]:
+    """Rendered glyph sheets (DejaVu and Liberation fonts, random characters, colours, sizes)."""
+    fonts = sorted(str(p) for pkg in ("fonts-dejavu-core", "fonts-liberation2") if (r := _pkg(pkg)) for p in r.rglob("*.ttf"))
+    if not fonts:
+        return []
+    sheets = qd._map(_glyph_sheet, [(i, seed + 1_000_003, fonts) for i in range(n)], workers, chunksize=32)
+    return [Orig("glyphs", "clipart", f"glyphs:{i}", qd.decode(d)) for i, d in enumerate(sheets)]
 
 
 def _tuxpaint_files() -> list[Path]:
@@ -600,8 +641,10 @@ def _split_originals(split: str, seed: int, scale: float, workers: int, log: Cal
         add(*_path_collection("oxygen", "icon", _oxygen_files(), n(550), n(250), seed, _oxygen_family, 96, workers))
         add(*_path_collection("stellarium", "photo", _stellarium("nebulae") + _stellarium("skycultures"), n(450), n(200),
                               seed, _stel_family, 128, workers, 0.97))
+        add(*_path_collection("icon-themes", "icon", _icon_theme_files(), n(700), n(250), seed, _icon_family, 48, workers))
         photos, pspare = _photo_collection("photos-test", TEST_PHOTOS, n(450), seed, (256, 288, 320, 384), workers)
         add(photos, [], pspare)
+        add(_glyph_originals(n(700), seed, workers), [], [])
         bgs = []
         for nm, d in _photo_sources(TEST_BACKGROUNDS):
             with Image.open(io.BytesIO(d)) as im:
@@ -788,7 +831,7 @@ def _glyph_sheet(args: tuple[int, int, list[str]]) -> bytes:
     fg = tuple(255 - c for c in bg) if rng.random() < 0.7 else tuple(int(c) for c in rng.integers(0, 256, 3))
     im = Image.new("RGB", (W, H), bg)
     d = ImageDraw.Draw(im)
-    font = ImageFont.truetype(fonts[int(rng.integers(len(fonts)))], int(rng.integers(14, 72)))
+    font = ImageFont.truetype(fonts[int(rng.integers(len(fonts)))], int(rng.integers(14, 72)), layout_engine=ImageFont.Layout.BASIC)
     y = int(rng.integers(-10, 20))
     while y < H:
         chars = "".join(chr(int(c)) for c in rng.integers(33, 0x24F, int(rng.integers(4, 30))))
@@ -801,7 +844,7 @@ def build_distractors(out: Path, test_dir: Path, n: int, *, seed: int = 0, worke
     """``n`` real images distinct from the test split (none is an original, copy or filler
     there): the test collections' unused spares, photograph crops of packages in neither split,
     glyph sheets to make up the count. Cached: rebuilt when ``n`` or the seed change."""
-    params = {"n": n, "seed": seed, "version": VERSION}
+    params = {"n": n, "seed": seed, "version": DISTRACTOR_VERSION}
     if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()).get("params") == params:
         print(f"{out} is built with these parameters")
         return out
@@ -810,7 +853,11 @@ def build_distractors(out: Path, test_dir: Path, n: int, *, seed: int = 0, worke
     srcs = _photo_sources(DISTRACTOR_PHOTOS)
     lists = qd._map(_grid_crops, [(nm, d, i, seed, (256, 288, 320)) for i, (nm, d) in enumerate(srcs)], workers, chunksize=1)
     for lst in lists:
-        for c in lst:
+        # One crop per photograph: the wallpapers in neither split are mostly renders with a
+        # repeating pattern (GNOME's pixels, truchet, grid), whose neighbouring crops are copies
+        # of each other (measured: with every grid crop, 10,381 embedding links between them,
+        # precision at +10k 0.30; the crops left out of the scoring, 0.93).
+        for c in lst[:1]:
             items.append((f"crop/{c['key']}", qd.encode(c["image"], "jpg", 90)))
     print(f"[{time.perf_counter() - t0:6.1f}s] {len(items)} spares and photo crops from {len(srcs)} photographs", flush=True)
     order = qd._rng(seed, "distractors").permutation(len(items))
@@ -887,7 +934,8 @@ def _paste_bins(data: Path, assignment: dict[str, Any]) -> dict[str, tuple[int, 
     return {k: (v[0], v[1]) for k, v in sorted(bins.items())}
 
 
-def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: Path, extra: Sequence[str]) -> int:
+def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: Path, extra: Sequence[str],
+           reuse: bool = False) -> int:
     import pyarrow.parquet as pq
 
     test = data / "test"
@@ -896,10 +944,16 @@ def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: 
         folder = test if n == 0 else with_distractors(test, data / "distractors", n, data / f"test+{n}")
         o = out / f"test+{n}"
         cmd = [sys.executable, str(HERE / "quality.py"), "--data", str(folder), "--out", str(o)]
+        if "--dedup" not in extra:  # dedup through cluster_eval's wrapper: it saves the links
+            cmd += ["--dedup", f"{sys.executable} {HERE / 'cluster_eval.py'} dump"]
         for m in methods:
             cmd += ["--method", m]
-        print("$", " ".join(cmd), flush=True)
-        rc = subprocess.run([*cmd, *extra], check=False).returncode
+        if reuse and (o / "results.json").exists():
+            print(f"reusing {o / 'results.json'}")
+            rc = 0
+        else:
+            print("$", " ".join(cmd), flush=True)
+            rc = subprocess.run([*cmd, *extra], check=False).returncode
         if not (o / "results.json").exists():
             print(f"quality.py failed (exit {rc})")
             return 1
@@ -934,7 +988,7 @@ def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: 
     for nm in names:
         s = base["methods"][nm]["score"]
         if s:
-            print(f"| {nm} | " + " | ".join(f"{s['recall_by_edit'].get(e, 0):.2f}" for e in edits) + " |")
+            print(f"| {nm} | " + " | ".join(f"{s['recall_by_edit'].get(e, {}).get('recall') or 0:.2f}" for e in edits) + " |")
     print("\nPastes by the picture's share of the scene (test split; found / total):\n")
     for nm in names:
         a = base["methods"][nm].get("assignment")
@@ -944,6 +998,27 @@ def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: 
         asg = {r["file"]: r["cluster_id"] for r in t}
         bins = _paste_bins(test, asg)
         print(f"- {nm}: " + ", ".join(f"{k} {f / t_:.2f} ({f}/{t_})" for k, (f, t_) in bins.items()))
+    # The chaining guard ([cluster] guard = true), scored on the same run's links (a dedup run
+    # through `bench/cluster_eval.py dump` saves them): no second model run needed.
+    import cluster_eval
+
+    guard_rows = []
+    for n in distractors:
+        folder = test if n == 0 else data / f"test+{n}"
+        for nm in names:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", nm).strip("_")
+            links = out / f"test+{n}" / slug / "dedup"
+            if (links / "_links.npz").exists():
+                for variant, s in cluster_eval.score_variants(folder, links, [2]):
+                    guard_rows.append((n, nm, variant, s))
+    if guard_rows:
+        print("\nClustering of the same links (`bench/cluster_eval.py`; test split):\n")
+        print("| distractors | method | clustering | P | R | F1 | partial | hard-neg merges | template links |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for n, nm, variant, s in guard_rows:
+            pr = s.get("partial_recall")
+            print(f"| +{n} | {nm} | {variant} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | "
+                  f"{pr if pr is None else f'{pr:.3f}'} | {s['hard_negatives']['merged']} | {s.get('template_links', '–')} |")
     return 0
 
 
@@ -964,6 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality-v2")
     r.add_argument("--distractors", default="0,10000", help="comma-separated distractor counts (default %(default)s)")
     r.add_argument("--method", action="append", default=None)
+    r.add_argument("--reuse", action="store_true", help="print the tables from results.json files already there")
     a, extra = ap.parse_known_args(argv)
     if a.cmd == "build":
         for s in a.splits.split(","):
@@ -974,7 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_distractors(a.out / "distractors", a.out / "test", n, seed=a.seed, workers=a.workers)
         return 0
     methods = a.method or ["dedup:default", "immaculate:sscd_distilled", "immaculate:pdq", "imagehash:phash"]
-    return report(a.data, [int(x) for x in a.distractors.split(",")], methods, a.out, extra)
+    return report(a.data, [int(x) for x in a.distractors.split(",")], methods, a.out, extra, a.reuse)
 
 
 if __name__ == "__main__":
