@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
+from dedup._io import DEFAULT_HINT, OUTPUT_ERRNOS
 from dedup._types import Shard
 from dedup.errors import DedupError
 from dedup.executors.base import Markers, OnDone, OnProgress, Step, split_finished
@@ -97,9 +99,18 @@ class LocalExecutor:
             on_done(shard, stats)
 
 
+# Errors only a write meets: a worker's OSError with one of them is about its outputs.
+_WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def _failed(shard: Shard, err: Exception) -> ShardFailedError:
     if isinstance(err, DedupError):
         return ShardFailedError(f"shard {shard.shard_id}: {err}")
+    if isinstance(err, OSError) and err.errno in _WRITE_ONLY_ERRNOS:
+        # A full disk met by a write that did not name its file (a worker's buffered write):
+        # the same one-line message as every other full disk, not a crash report.
+        where = f" {err.filename}" if err.filename else f" the files of shard {shard.shard_id}"
+        return ShardFailedError(f"cannot write{where}: {OUTPUT_ERRNOS[err.errno]} ({err.strerror or err}); hint: {DEFAULT_HINT}")
     return ShardFailedError(
         f"shard {shard.shard_id} ({shard.path}) failed: {type(err).__name__}: {err}; "
         "finished shards are kept: fix the cause and rerun the same command to resume"
