@@ -333,7 +333,7 @@ def second_look(
         if search.verify_by == Verifier.MODEL and bool((cands.window < 0).any()):
             with progress("second look: verify", int(np.unique(np.concatenate([cands.i, cands.j])).size), "img") as bar:
                 return verify(rows_of, cands, cfg, shards=shards, progress=bar.update, joined=labels, trims=boxes)
-        return _verify_by_shard(rows_of, cands, labels, cfg, shards=shards, boxes=boxes, root=work / "second_look",
+        return verify_candidates(rows_of, cands, labels, cfg, shards=shards, boxes=boxes, root=work / "second_look",
                                 executor=executor, progress=progress, on_phase=on_phase)  # fmt: skip
 
 
@@ -358,27 +358,11 @@ def verify_candidates(
     root: Path,
     executor: Executor | None = None,
     progress: ProgressFactory = silent,
+    on_phase: Callable[[str], object] | None = None,
 ) -> tuple[Edges, dict[str, int]]:
-    """Verify proposed ``cands`` as per-shard tasks under ``root`` (what :func:`second_look` does
-    after proposing): for callers that propose their own pairs (``check`` against an index)."""
-    return _verify_by_shard(rows_of, cands, labels, cfg, shards=shards, boxes=boxes, root=root,
-                            executor=executor, progress=progress, on_phase=None)  # fmt: skip
-
-
-def _verify_by_shard(
-    rows_of: FeatureRows,
-    cands: Candidates,
-    labels: np.ndarray,
-    cfg: RunConfig,
-    *,
-    shards: Sequence[Shard],
-    boxes: np.ndarray | None,
-    root: Path,
-    executor: Executor | None,
-    progress: ProgressFactory,
-    on_phase: Callable[[str], object] | None,
-) -> tuple[Edges, dict[str, int]]:
-    """Spill ``cands`` by shard under ``root``, run the read and check tasks, gather the edges."""
+    """Spill ``cands`` by shard under ``root``, run the read and check tasks, gather the edges:
+    what :func:`second_look` does after proposing, and what ``check`` calls with its own
+    proposals (pairs against an index)."""
     stats = {"candidates": len(cands), "global": 0, "partial": 0, "confirmed": 0, "unreadable": 0, "checked": 0}
     is_partial = cands.window >= 0
     stats["partial"] = int(is_partial.sum())
