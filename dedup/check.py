@@ -244,11 +244,16 @@ def check(
         # The drop is featurized under the ids an add would give it (so --update reuses the
         # work); people read its samples by their ids in the drop.
         position = resolve_position(plan, source)
+        # The direct links, once: inside the drop, and from it to the baseline (the signals table).
+        edges, _ = find_edges(table, vectors, cfg.with_overrides({"search.report_thresholds": []}))
+        links = cross_links(table, vectors, base, cfg)
         looked = second_look_against(
-            base, plan.new, table, vectors, cfg, work=work_dir, executor=executor, progress=prog
+            base, plan.new, table, vectors, cfg, edges, links, work=work_dir, executor=executor, progress=prog
         )
+        if looked is not None:
+            edges, links = Edges.concat([edges, looked[0]]), CrossLinks.concat([links, looked[1]])
         with prog("search (drop)", 1, "step") as bar:
-            result = _assess(base, table, vectors, cfg, limits_cfg, top=top, strip=plan.prefix(position), looked=looked)
+            result = _assess(base, table, edges, links, cfg, limits_cfg, top=top, strip=plan.prefix(position))
             bar.update(1)
         searched = time.perf_counter()
         updated = False
@@ -318,6 +323,8 @@ def second_look_against(
     table: pa.Table,
     vectors: np.ndarray,
     cfg: RunConfig,
+    drop_edges: Edges,
+    links: CrossLinks,
     *,
     work: Path,
     executor: Executor | None = None,
@@ -334,6 +341,9 @@ def second_look_against(
     images named by a candidate from its sources. Only candidates with an end in the drop are
     checked. None when the preset has no second look, or the baseline is past
     ``search.partition_above`` (its vectors are not searched in memory).
+
+    ``drop_edges`` and ``links``: the direct links within the drop and to the baseline, which
+    the second look does not check again.
 
     Not (yet) as ``index add`` does it: baseline images holding a drop picture (that needs the
     baseline's region descriptors, which the index does not keep).
@@ -353,8 +363,6 @@ def second_look_against(
     embedded_rows = np.flatnonzero(rows_of.flags("embedded"))
     use = (rows_of.flags("has_image") & rows_of.equals("status", "ok"))[embedded_rows]
     all_vectors = np.concatenate([np.asarray(base_vectors, np.float32), np.asarray(vectors, np.float32)])
-    drop_edges, _ = find_edges(table, vectors, cfg.with_overrides({"search.report_thresholds": []}))
-    links = cross_links(table, vectors, base, cfg)
     clusters = np.asarray(b.column("cluster_id").to_numpy(zero_copy_only=False), np.int64)
     base_ok = np.flatnonzero(clusters >= 0)
     joined = Edges.concat(
@@ -407,19 +415,19 @@ def second_look_against(
 def _assess(
     base: Index,
     table: pa.Table,
-    vectors: np.ndarray,
+    edges: Edges,
+    links: CrossLinks,
     cfg: RunConfig,
     gate: GateConfig,
     *,
     top: int,
     strip: str = "",
-    looked: tuple[Edges, CrossLinks] | None = None,
 ) -> dict[str, Any]:
     """Every number of a :class:`CheckResult` but the bookkeeping ones, and the verdict.
 
-    ``strip``: the index prefix of the drop's ids, left out of the ids shown. ``looked``: the
-    second look's confirmed links within the drop and to the baseline
-    (:func:`second_look_against`), beside the direct ones the signals table makes."""
+    ``edges``: the links within the drop, ``links``: from it to the baseline (the signals
+    table's direct ones and the second look's, :func:`second_look_against`). ``strip``: the
+    index prefix of the drop's ids, left out of the ids shown."""
     m = table.num_rows
     ok = _bool(table, "status", "ok")
     n_ok = int(ok.sum())
@@ -428,9 +436,6 @@ def _assess(
     urls = table.column("url").to_pylist()
 
     # Inside the drop: what a run over the drop alone would make of it (keeping the first).
-    edges, _ = find_edges(table, vectors, cfg.with_overrides({"search.report_thresholds": []}))
-    if looked is not None:
-        edges = Edges.concat([edges, looked[0]])
     # The baseline's review decisions (dedup review) hold for the drop's samples too.
     decided = load_decisions(base.directory.parent)
     applied = apply_decisions(m, table, edges, decided)
@@ -450,9 +455,6 @@ def _assess(
     )
 
     # Against the baseline: each drop sample's strongest link (exact first, then the highest score).
-    links = cross_links(table, vectors, base, cfg)
-    if looked is not None:
-        links = CrossLinks.concat([links, looked[1]])
     b = base.samples
     if decided.num_rows:
         links = _reviewed(links, *cross_constraints(table, b, decided))
