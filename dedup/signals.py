@@ -180,30 +180,25 @@ def _embedding_within(spec: SignalSpec, ctx: Within, mask: np.ndarray) -> Edges:
     return found
 
 
-def _pdq_within(spec: SignalSpec, ctx: Within, mask: np.ndarray) -> Edges:
-    search = ctx.search
-    if not ctx.present("pdq"):
+def _hash_within(spec: SignalSpec, ctx: Within, mask: np.ndarray) -> Edges:
+    """PDQ (with its rotated and mirrored variants) or pHash: Hamming distance within the set."""
+    if not ctx.present(spec.column):
         return Edges.empty()
-    rows, codes = hash_codes(ctx.rows, "pdq", mask)
+    rows, codes = hash_codes(ctx.rows, spec.column, mask)
     if not rows.size:
         return Edges.empty()
-    parts = [hamming_edges(codes, max_distance=search.pdq_distance, signal=Signal.PDQ, rows=rows, block_size=search.block_size)]
-    have, variants = _pdq_variants(ctx.rows, rows)
-    if have.any():  # rotated / mirrored copies (fingerprint.pdq_dihedral)
-        parts.append(
-            pdq_variant_edges(codes[have], variants, max_distance=search.pdq_distance, rows=rows[have], block_size=search.block_size)
-        )
+    distance, block = _distance(spec, ctx.search), ctx.search.block_size
+    parts = [hamming_edges(codes, max_distance=distance, signal=spec.signal, rows=rows, block_size=block)]
+    if spec.column == "pdq":
+        have, variants = _pdq_variants(ctx.rows, rows)
+        if have.any():  # rotated / mirrored copies (fingerprint.pdq_dihedral)
+            parts.append(pdq_variant_edges(codes[have], variants, max_distance=distance, rows=rows[have], block_size=block))
     return Edges.concat(parts)
 
 
-def _phash_within(spec: SignalSpec, ctx: Within, mask: np.ndarray) -> Edges:
-    search = ctx.search
-    if not ctx.present("phash"):
-        return Edges.empty()
-    rows, codes = hash_codes(ctx.rows, "phash", mask)
-    if not rows.size:
-        return Edges.empty()
-    return hamming_edges(codes, max_distance=search.phash_distance, signal=Signal.PHASH, rows=rows, block_size=search.block_size)
+def _distance(spec: SignalSpec, search: SearchConfig) -> int:
+    """A hash signal's Hamming distance setting."""
+    return search.pdq_distance if spec.column == "pdq" else search.phash_distance
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +263,7 @@ def _embedding_against(spec: SignalSpec, ctx: Against, mask: np.ndarray) -> Cros
 
 def _hash_against(spec: SignalSpec, ctx: Against, mask: np.ndarray) -> CrossLinks:
     index = ctx.base.pdq if spec.column == "pdq" else ctx.base.phash
-    distance = ctx.search.pdq_distance if spec.column == "pdq" else ctx.search.phash_distance
+    distance = _distance(spec, ctx.search)
     if index is None:
         return CrossLinks.empty()
     rows, codes = hash_codes(ctx.rows, spec.column, mask)
@@ -314,8 +309,8 @@ SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec(Signal.EXACT_BYTES, "sha256", Qualifies.OK, lambda s: s.exact, _exact_within, _exact_against),
     SignalSpec(Signal.EXACT_PIXELS, "pixel_sha256", Qualifies.OK, lambda s: s.exact, _exact_within, _exact_against),
     SignalSpec(Signal.EMBEDDING, "embedded", Qualifies.EMBEDDED, lambda s: True, _embedding_within, _embedding_against, second_look=True),
-    SignalSpec(Signal.PDQ, "pdq", Qualifies.IMAGE, lambda s: s.pdq_distance >= 0, _pdq_within, _hash_against),
-    SignalSpec(Signal.PHASH, "phash", Qualifies.IMAGE, lambda s: s.phash_distance >= 0, _phash_within, _hash_against),
+    SignalSpec(Signal.PDQ, "pdq", Qualifies.IMAGE, lambda s: s.pdq_distance >= 0, _hash_within, _hash_against),
+    SignalSpec(Signal.PHASH, "phash", Qualifies.IMAGE, lambda s: s.phash_distance >= 0, _hash_within, _hash_against),
     SignalSpec(Signal.URL, "url", Qualifies.METADATA, lambda s: s.url, _text_within, _text_against),
     SignalSpec(Signal.CAPTION, "caption", Qualifies.METADATA, lambda s: s.caption, _text_within, _text_against),
 )
