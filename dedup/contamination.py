@@ -111,7 +111,6 @@ def find_contamination(
     names = tuple(e.name for e in evals)
     if not evals or not n:
         return Contamination.none(names)
-    best_key = np.full(n, np.inf)
     best = {
         "which": np.full(n, -1, np.int16),
         "base": np.full(n, -1, np.int64),
@@ -125,17 +124,19 @@ def find_contamination(
         eval_ids.append(ev.index.samples.column("sample_id"))
         if not len(links):
             continue
-        # a sortable key: signal first (smaller is stronger), then -score, then the set
-        key = links.signal.astype(np.float64) * 4.0 + (1.0 - links.score.astype(np.float64)) * 2.0 + k / (len(evals) + 1.0) / 1e3
-        order = np.lexsort((links.base, key, links.drop))
+        # per training row its strongest link to this set: signal first (smaller is stronger),
+        # then the higher score, then the lower base row
+        order = np.lexsort((links.base, -links.score, links.signal, links.drop))
         d = links.drop[order]
         first = np.ones(d.shape[0], bool)
         first[1:] = d[1:] != d[:-1]
         take = order[first]
         d = links.drop[take]
-        better = key[take] < best_key[d]
+        # stronger than what an earlier set gave (an equal link keeps the earlier set)
+        sig, score = links.signal[take], links.score[take]
+        held = best["which"][d] >= 0
+        better = ~held | (sig < best["signal"][d]) | ((sig == best["signal"][d]) & (score > best["score"][d]))
         d, take = d[better], take[better]
-        best_key[d] = key[take]
         best["which"][d] = k
         best["base"][d] = links.base[take]
         best["score"][d] = links.score[take]
@@ -143,9 +144,10 @@ def find_contamination(
     direct_rows = np.flatnonzero(best["which"] >= 0)
     if not direct_rows.size:
         return Contamination.none(names)
-    # Cluster mates carry their cluster's best direct link (the lowest key; ties: first row).
+    # Cluster mates carry their cluster's strongest direct link (signal, score, set; ties: first row).
     by_cluster: dict[int, int] = {}
-    for r in direct_rows[np.lexsort((direct_rows, best_key[direct_rows]))].tolist():
+    strongest = np.lexsort((direct_rows, best["which"][direct_rows], -best["score"][direct_rows], best["signal"][direct_rows]))
+    for r in direct_rows[strongest].tolist():
         by_cluster.setdefault(int(labels[r]), r)
     touched = np.fromiter(by_cluster, np.int64)
     rows = np.flatnonzero(np.isin(labels, touched))

@@ -265,6 +265,14 @@ def _hash_against(spec: SignalSpec, ctx: Against, mask: np.ndarray) -> CrossLink
     index = ctx.base.pdq if spec.column == "pdq" else ctx.base.phash
     distance = _distance(spec, ctx.search)
     if index is None:
+        if spec.column == "phash" and ctx.base_mask[Qualifies.IMAGE].any():
+            # An index of images without pHash codes was built with pHash off: searching it
+            # would find nothing and say nothing.
+            raise ConfigError(
+                "the index holds no pHash codes (it was built with pHash off), so a pHash search against it "
+                "cannot find anything; hint: leave --phash-distance at its default (off), or rebuild the "
+                "index with the same --phash-distance"
+            )
         return CrossLinks.empty()
     rows, codes = hash_codes(ctx.rows, spec.column, mask)
     if not rows.size:

@@ -99,3 +99,9 @@ def test_cli_against_and_its_errors(sets: dict[str, Path]) -> None:
     assert missing.exit_code == 2 and missing.output.startswith("Error:") and "nope" in missing.output
     with pytest.raises(ConfigError, match="cannot be compared"):
         run([str(sets["train"])], sets["root"] / "y", config=FAST.with_overrides({"embed.size": 288}), against=[str(sets["eval_out"])])
+    # the evaluation index was built with pHash off: a pHash search against it would find nothing, silently
+    no_phash = runner.invoke(app, ["run", str(sets["train"]), "--out", str(sets["root"] / "z"), "--model", "sscd_distilled",
+                                   "--phash-distance", "4", "--against", str(sets["eval_out"]), "-q"])  # fmt: skip
+    assert no_phash.exit_code == 2, no_phash.output
+    lines = no_phash.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "no pHash codes" in lines[0], lines
