@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install lint demo test test-fast test-torch bench-e2e bench-quality bench-quality-v1 bench-speed clean
+.PHONY: install lint demo test test-fast test-torch bench-e2e bench-quality bench-quality-v1 bench-speed bench-scale bench-disk clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,17 @@ test-torch: .venv-torch/.installed
 
 bench-e2e: install
 	$(BIN)/python bench/e2e.py
+
+# Scale and disk (issue 23, docs/scale.md): N precomputed embeddings through `dedup run`, wall
+# time, peak RSS and peak disk per phase; 10M needs ~10 GB of input and ~25 GB free.
+SCALE_N ?= --n 1m --n 10m
+bench-scale: install
+	$(BIN)/python bench/scale.py $(SCALE_N)
+
+# A 1M run into a tmpfs too small for it (needs root to mount): refused early, stopped cleanly
+# with --no-disk-check, then resumed after the file system grows, to the reference's manifest.
+bench-disk: install
+	$(BIN)/python bench/disk_full.py
 
 # Detection quality against the peers, bench v2 (issue 24): builds the dev split (openclipart and
 # the wallpapers the presets were tuned on) and the test split (other collections: Tux Paint
