@@ -138,6 +138,7 @@ def add(
     expect_generation: int | None = None,
     executor: Executor | None = None,
     progress: ProgressFactory | None = None,
+    disk_check: bool = True,
 ) -> AddResult:
     """Add the new shards of ``sources`` to the index of ``out`` and rewrite its outputs.
 
@@ -147,6 +148,9 @@ def add(
     global stages rerun, all behind the exclusive lock; the expensive decoding runs before it,
     so concurrent checks are held up only while the outputs are rewritten. ``expect_generation``
     makes the add fail if the index changed since it was read (``check --update``).
+    ``disk_check``: estimate the disk the add needs (the new shards' checkpoints, the search's
+    scratch over the whole index, the rewritten outputs) and stop before starting when the free
+    space is short, as a run does.
 
     Raises:
         IndexUnreadableError, IndexConflictError, SourceError, OutputError.
@@ -159,6 +163,10 @@ def add(
     speed = cfg.with_overrides({"workers": workers, "embed.batch_size": batch_size})  # same results
     work_dir = Path(work) if work is not None else out_dir / pipeline.WORK_DIR / cfg.stage_key()
     plan = plan_add(snapshot, sources, folder_batch=cfg.folder_batch)
+    if plan.new and disk_check:
+        need = pipeline.estimate_disk(plan.new, cfg, work_dir, out_dir, indexed=indexed_size(snapshot))
+        work_root = Path(work) if work is not None else out_dir / pipeline.WORK_DIR
+        pipeline.check_free_space(need, out_dir, work_root, what="this add")
     if plan.new:  # the expensive part, outside the lock: checkpoints only, no index file touched
         pipeline.featurize(plan.new, work_dir, speed, executor=executor, progress=prog)
     with index_lock(directory, exclusive=True):
@@ -203,6 +211,13 @@ def add(
             executor=executor,
         )
     return AddResult(out_dir, len(plan.new), new_table.num_rows, len(plan.known), result)
+
+
+def indexed_size(index: Index) -> tuple[int, int]:
+    """``(samples, bytes of stored vectors)`` of an index: what an add searches and rewrites again."""
+    stored = vector_files(index.directory, index.meta)
+    size = len(stored) * stored.dim * stored.storage_dtype.itemsize if stored is not None else 0
+    return index.samples.num_rows, size
 
 
 def merge(

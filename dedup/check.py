@@ -46,7 +46,7 @@ from dedup._types import Shard
 from dedup.cluster import components
 from dedup.config import GateConfig, KeepPolicy, RunConfig
 from dedup.decisions import apply_decisions, cross_constraints, load_decisions
-from dedup.add import AddPlan, add, plan_add
+from dedup.add import AddPlan, add, indexed_size, plan_add
 from dedup.signals import BASE_COLUMNS, cross_links, find_edges, refuse_mixed_vectors, vector_kinds
 from dedup.store import Index, open_index, resolve_source
 from dedup.manifest import build_manifest
@@ -208,13 +208,15 @@ def check(
     batch_size: int | None = None,
     executor: Executor | None = None,
     progress: ProgressFactory | None = None,
+    disk_check: bool = True,
 ) -> CheckResult:
     """Check the drop ``source`` against the index of the output folder ``against``.
 
     ``gate``: the limits (default: :class:`GateConfig`'s). ``top``: how many matches of each
     kind the result lists. ``work``: where the drop's features go (default: a temporary folder,
     removed afterwards; a folder of your own keeps them, and a rerun resumes from them).
-    ``update``: add the drop to the index when the gate passes.
+    ``update``: add the drop to the index when the gate passes. ``disk_check`` (with ``update``):
+    estimate the disk the add would need and stop before starting when the free space is short.
 
     Raises:
         IndexUnreadableError: ``against`` holds no readable index.
@@ -238,6 +240,9 @@ def check(
     loaded = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dedup-check-") as tmp:
         work_dir = (Path(work) if work is not None else Path(tmp)) / cfg.stage_key()
+        if update and disk_check and plan.new:
+            need = pipeline.estimate_disk(plan.new, cfg, work_dir, Path(against), indexed=indexed_size(base))
+            pipeline.check_free_space(need, Path(against), work_dir.parent, what="this check --update")
         table, vectors, _ = pipeline.featurize(plan.new, work_dir, cfg, executor=executor, progress=prog)
         table = table.combine_chunks()
         featurized = time.perf_counter()
@@ -267,6 +272,7 @@ def check(
                 expect_generation=base.generation,
                 executor=executor,
                 progress=prog,
+                disk_check=disk_check,
             )
             updated = True
     done = time.perf_counter()

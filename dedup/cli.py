@@ -263,6 +263,7 @@ def check(
     top: Annotated[int, typer.Option(help="Offenders listed (per kind) in --json and --markdown.", min=0)] = 20,
     update: Annotated[bool, typer.Option("--update", help="When the gate passes, add the drop to the baseline's index (as `dedup index add`).")] = False,
     work: Annotated[Path | None, typer.Option(help="Keep the drop's features here (default: a temporary folder); a rerun resumes from it.")] = None,
+    disk_check: Annotated[bool, typer.Option("--disk-check/--no-disk-check", help="With --update: estimate the disk the add needs and stop before starting when free space is short.")] = True,
     workers: Annotated[int | None, typer.Option(help="Shards processed at once (processes).", min=1)] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -287,7 +288,7 @@ def check(
                 "gate.max_cluster_size": max_cluster_size,
             }
         ).gate
-        result = run_check(source, against, gate=gate, top=top, work=work, update=update, workers=workers, progress=_progress_factory(quiet or json_out))
+        result = run_check(source, against, gate=gate, top=top, work=work, update=update, workers=workers, progress=_progress_factory(quiet or json_out), disk_check=disk_check)
         for target, render in ((junit, to_junit), (markdown, to_markdown)):
             if target is None:
                 continue
@@ -360,6 +361,7 @@ def index_add(
     index: Annotated[Path, typer.Option("--index", "-i", help="The --out folder of the `dedup run` whose index grows.")],
     workers: Annotated[int | None, typer.Option(help="Shards processed at once (processes).", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per model call (default: 8 on the CPU, 64 on a GPU).", min=1)] = None,
+    disk_check: Annotated[bool, typer.Option("--disk-check/--no-disk-check", help="Estimate the disk the add needs (new checkpoints, search scratch, rewritten outputs) and stop before starting when free space is short.")] = True,
     quiet: Quiet = False,
 ) -> None:
     """Add new shards to a run's index and update its manifest, keep list and report.
@@ -372,7 +374,7 @@ def index_add(
     from dedup.add import add
 
     try:
-        added = add(sources, index, workers=workers, batch_size=batch_size, progress=_progress_factory(quiet))
+        added = add(sources, index, workers=workers, batch_size=batch_size, progress=_progress_factory(quiet), disk_check=disk_check)
     except DedupError as err:
         raise _fail(err) from None
     if added.result is None:

@@ -532,12 +532,16 @@ class DiskEstimate:
         return self.checkpoints + max(self.scratch, 0) + self.outputs
 
 
-def estimate_disk(shards: Sequence[Shard], cfg: RunConfig, work: Path, out_dir: Path) -> DiskEstimate:
+def estimate_disk(
+    shards: Sequence[Shard], cfg: RunConfig, work: Path, out_dir: Path, *, indexed: tuple[int, int] = (0, 0)
+) -> DiskEstimate:
     """The disk a run over ``shards`` needs, from its input alone (headers, row counts, file
     sizes); shards already checkpointed under ``work`` cost nothing again. Precomputed
     embeddings are counted exactly (their ``.npy`` headers); images by the number of files (a
     folder) or by size (a tar or parquet: ~16 kB an image): an estimate, for a refusal that
-    comes before hours of work, not an accounting."""
+    comes before hours of work, not an accounting. ``indexed``: ``(samples, vector bytes)``
+    an index already holds, which an ``index add`` of ``shards`` searches and rewrites again
+    (its vectors are not copied: the new generation links them)."""
     from dedup.sources._embeddings import read_header
 
     step = FeatureStep(config=cfg, out_dir=work / FEATURES)
@@ -549,10 +553,12 @@ def estimate_disk(shards: Sequence[Shard], cfg: RunConfig, work: Path, out_dir: 
         vectors += rows * width
         if markers.read(shard) is None:
             todo += rows * (width + _ROW_BYTES)
+    new_vectors = vectors
+    samples, vectors = samples + indexed[0], vectors + indexed[1]
     scratch = 0
     if samples > cfg.search.partition_above:
         scratch = int(PartitionSettings().scratch_ratio * vectors) + 24 * samples  # spill + edge parts
-    outputs = _OUTPUT_ROW_BYTES * samples + _index_vector_bytes(vectors, work, out_dir)
+    outputs = _OUTPUT_ROW_BYTES * samples + _index_vector_bytes(new_vectors, work, out_dir)
     return DiskEstimate(checkpoints=todo, scratch=scratch, outputs=outputs, samples=samples)
 
 
@@ -595,8 +601,8 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def check_free_space(need: DiskEstimate, out_dir: Path, work_root: Path) -> None:
-    """Refuse a run the free space cannot hold, with the numbers and what to do.
+def check_free_space(need: DiskEstimate, out_dir: Path, work_root: Path, *, what: str = "this run") -> None:
+    """Refuse a run (or ``what``) the free space cannot hold, with the numbers and what to do.
 
     Raises:
         OutputError: the estimate exceeds the free space of OUT (or of ``--work`` when it is
@@ -618,18 +624,18 @@ def check_free_space(need: DiskEstimate, out_dir: Path, work_root: Path) -> None
         total = need.checkpoints + need.scratch + need.outputs
         if total > out_free:
             raise OutputError(
-                f"not enough free disk: this run of {need.samples:,} samples needs about {total / gb:.2f} GB "
+                f"not enough free disk: {what} of {need.samples:,} samples needs about {total / gb:.2f} GB "
                 f"in {out_dir} ({parts}) and {out_free / gb:.2f} GB are free; {hint}"
             )
         return
     scratch = need.checkpoints + need.scratch
     if scratch > work_free:
         raise OutputError(
-            f"not enough free disk: this run of {need.samples:,} samples needs about {scratch / gb:.2f} GB "
+            f"not enough free disk: {what} of {need.samples:,} samples needs about {scratch / gb:.2f} GB "
             f"in --work {work_root} ({parts}) and {work_free / gb:.2f} GB are free; {hint}"
         )
     if need.outputs > out_free:
         raise OutputError(
-            f"not enough free disk: this run of {need.samples:,} samples needs about {need.outputs / gb:.2f} GB "
+            f"not enough free disk: {what} of {need.samples:,} samples needs about {need.outputs / gb:.2f} GB "
             f"in {out_dir} for its outputs and {out_free / gb:.2f} GB are free; hint: free space or pick another --out"
         )

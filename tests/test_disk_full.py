@@ -192,6 +192,21 @@ def test_a_run_the_free_space_cannot_hold_stops_before_it_starts(tmp_path: Path,
     assert not list(out.rglob("*.npy"))  # refused before any work
     result = CliRunner().invoke(app, ["run", str(d["emb"]), "--out", str(out), "--no-disk-check", "--config", str(d["toml"]), "--quiet"])
     assert result.exit_code == 0, result.output
+    # index add and check --update estimate too: the new shards, then the search and outputs over all rows
+    manifest = (out / "manifest.parquet").read_bytes()
+    limits = ["--max-baseline-share", "1", "--max-internal-share", "1", "--max-cluster-size", "-1"]
+    for argv, what in ((["index", "add", str(d["emb_new"]), "--index", str(out)], "this add"),
+                       (["check", str(d["emb_new"]), "--against", str(out), "--update", *limits], "this check --update")):  # fmt: skip
+        result = CliRunner().invoke(app, [*argv, "--quiet"])
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and line.startswith(f"Error: not enough free disk: {what} of "), line
+        total = int(line.split(" of ", 1)[1].split(" samples", 1)[0].replace(",", ""))
+        assert total > 2100  # the index's rows and the new ones
+        assert (out / "manifest.parquet").read_bytes() == manifest
+    result = CliRunner().invoke(app, ["index", "add", str(d["emb_new"]), "--index", str(out), "--no-disk-check", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.parquet").read_bytes() != manifest
 
 
 @pytest.fixture
