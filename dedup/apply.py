@@ -608,13 +608,21 @@ def _write_files(shard: Shard, decision: _Decision, dest: Path, *, link: bool) -
     _write_stats(shard, shard.path.rstrip("/"), target, decision, listed or written)
 
 
+# Files beside an image that belong to it (``cat.jpg`` + ``cat.txt``): the captions and tags of
+# fine-tuning folders (kohya's ``.txt`` / ``.caption``, tag lists, per-image JSON). They go with
+# a kept image and stay behind with a removed one.
+FOLDER_SIDECARS = (".txt", ".caption", ".tags", ".json")
+
+
 def _write_folder(shard: Shard, decision: _Decision, dest: Path, *, link: bool) -> None:
-    """A batch of a plain image folder: each kept file at its relative path, one at a time."""
+    """A batch of a plain image folder: each kept file at its relative path, one at a time,
+    with its sidecars (:data:`FOLDER_SIDECARS`: same name, another extension)."""
     fs, root = filesystem(shard.path)
     root = root.rstrip("/")
     confine = source_root(shard.source)
     prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
     written: set[str] = set()
+    listings: dict[str, set[str]] = {}  # a folder's file names, listed once per batch
     for rel in shard.members:
         sample_id = prefix + clean_text(rel)
         if sample_id not in decision.keep:
@@ -622,20 +630,46 @@ def _write_folder(shard: Shard, decision: _Decision, dest: Path, *, link: bool) 
         source = f"{root}/{rel}"
         if confine is not None and is_local(fs) and outside(source, confine):
             continue  # never read (the run failed it: symlink outside source)
-        target = _target(dest, prefix + rel)
-        if link:
-            # Not through atomic_path: it chmods and fsyncs its file, which a hard link shares
-            # with the input.
-            tmp = target.with_name(f".{target.name}.{_HOST}-{os.getpid()}.hardlink.tmp")  # a killed one's goes on rerun
-            tmp.unlink(missing_ok=True)
-            _place(fs, source, tmp, link=True)
-            os.replace(tmp, target)
-        else:
-            with atomic_path(target) as tmp:
-                tmp.unlink()
-                _place(fs, source, tmp, link=False)
+        _copy_one(fs, source, _target(dest, prefix + rel), link=link)
+        for side in _sidecars(fs, root, rel, listings):
+            side_source = f"{root}/{side}"
+            if confine is not None and is_local(fs) and outside(side_source, confine):
+                continue
+            _copy_one(fs, side_source, _target(dest, prefix + side), link=link)
         written.add(sample_id)
     _missing(shard, decision, written)
+
+
+def _copy_one(fs: Any, source: str, target: Path, *, link: bool) -> None:
+    if link:
+        # Not through atomic_path: it chmods and fsyncs its file, which a hard link shares
+        # with the input.
+        tmp = target.with_name(f".{target.name}.{_HOST}-{os.getpid()}.hardlink.tmp")  # a killed one's goes on rerun
+        tmp.unlink(missing_ok=True)
+        _place(fs, source, tmp, link=True)
+        os.replace(tmp, target)
+    else:
+        with atomic_path(target) as tmp:
+            tmp.unlink()
+            _place(fs, source, tmp, link=False)
+
+
+def _sidecars(fs: Any, root: str, rel: str, listings: dict[str, set[str]]) -> list[str]:
+    """The relative paths of ``rel``'s sidecars that exist (its folder is listed once)."""
+    folder, _, name = rel.rpartition("/")
+    if folder not in listings:
+        where = f"{root}/{folder}" if folder else root
+        try:
+            listings[folder] = {
+                e["name"].rstrip("/").rpartition("/")[2] for e in fs.ls(where, detail=True) if e.get("type") == "file" or e.get("islink")
+            }
+        except FileNotFoundError:
+            listings[folder] = set()
+        except ENVIRONMENT_ERRORS as err:
+            raise ApplyError(f"cannot list {where!r}: {err}; hint: check the input") from err
+    stem = name.rpartition(".")[0] or name
+    names = listings[folder]
+    return [f"{folder}/{stem}{ext}" if folder else f"{stem}{ext}" for ext in FOLDER_SIDECARS if f"{stem}{ext}" in names]
 
 
 def _place(fs: Any, source: str, target: Path, *, link: bool) -> None:

@@ -305,19 +305,30 @@ def test_apply_refuses_a_changed_input(tmp_path: Path) -> None:
 
 
 def test_apply_folder_copy_and_link(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
-    root, _ = sample_images_dir
+    src, _ = sample_images_dir
+    root = tmp_path / "tree"
+    shutil.copytree(src, root)
     out = tmp_path / "out"
     run([str(root)], out, config=FAST)
-    before = _digest(root)
     kept = sorted(r["key"] for r in _manifest(out) if r["keep"])
     dropped = sorted(r["key"] for r in _manifest(out) if not r["keep"])
     assert dropped and "broken_00.jpg" in dropped
+    # a fine-tuning folder's captions and tags beside the images: they follow their image
+    sidecars = {}
+    for rel in (kept[0], kept[-1], dropped[0], dropped[-1]):
+        stem = rel.rpartition(".")[0]
+        for ext in (".txt", ".caption"):
+            (root / f"{stem}{ext}").write_text(f"caption of {rel}{ext}")
+            sidecars[f"{stem}{ext}"] = rel
+    (root / "notes.txt").write_text("not a sidecar: no image of that name")
+    before = _digest(root)
+    expected = sorted(kept + [side for side, image in sidecars.items() if image in kept])
     for mode in ("copy", "link"):
         dest = tmp_path / mode
         apply(out, dest, link=mode == "link")
         written = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and STATE_DIR not in p.parts)
-        assert written == kept  # the tree kept: originals/..., copies/...
-        for rel in kept:
+        assert written == expected  # the tree kept: originals/..., copies/...; removed images' captions left out
+        for rel in expected:
             src, dst = root / rel, dest / rel
             assert dst.read_bytes() == src.read_bytes()
             assert os.path.samefile(src, dst) == (mode == "link")
