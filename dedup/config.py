@@ -32,6 +32,13 @@ class EmbedModel(StrEnum):
     NONE = "none"  # hashes only
 
 
+class Pool(StrEnum):
+    """What runs a local run's shards side by side (``workers`` of them)."""
+
+    THREADS = "threads"  # threads of the run's own process: one Python, one model in memory
+    PROCESSES = "processes"  # spawned worker processes, each with its own Python and model
+
+
 class Verifier(StrEnum):
     GEOMETRY = "geometry"  # ORB matches fit one transform, then the aligned pixels agree (verify.confirms)
     MODEL = "model"  # re-embed both images with search.verify_model (the SSCD cascade)
@@ -204,7 +211,8 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     folder_batch: int = 1000  # images per shard when reading a plain folder
-    workers: int = 0  # shards processed at once (processes); 0 = one per core
+    workers: int = 0  # shards processed at once; 0 = one per core
+    pool: Pool = Pool.PROCESSES  # what processes them side by side on this machine (Pool)
 
     def with_overrides(self, overrides: dict[str, Any]) -> Self:
         """A copy with dotted keys replaced, e.g. ``{"search.threshold": 0.9}``; None is ignored."""
