@@ -65,7 +65,14 @@ def _best(fn: Callable[[], object], rounds: int) -> float:
 
 
 def profile(
-    data: Path, preset: str, *, model: str | None = None, limit: int | None = None, rounds: int = 3, chunk: int = 250
+    data: Path,
+    preset: str,
+    *,
+    model: str | None = None,
+    limit: int | None = None,
+    rounds: int = 3,
+    chunk: int = 250,
+    config: Path | None = None,
 ) -> list[tuple[str, float | None, str]]:
     """``(step, ms per image, note)`` rows; ``None`` for a step the preset has off.
 
@@ -75,7 +82,7 @@ def profile(
     from dedup.config import load_config
     from dedup.embed import build_embedder
 
-    cfg = load_config(preset)
+    cfg = load_config(preset, config)
     if model is not None:
         cfg = cfg.with_overrides({"embed.model": model})
     fcfg = cfg.features() if hasattr(cfg, "features") else cfg.fingerprint
@@ -249,15 +256,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--preset", default="default", help="bundled preset whose steps are profiled")
     ap.add_argument("--model", default=None, help="the preset with this embed.model (none: the hash path)")
+    ap.add_argument("--config", type=Path, default=None, help="a TOML file laid over the preset (as `dedup run --config`)")
     ap.add_argument("--limit", type=int, default=None, help="profile the first N images only")
     ap.add_argument("--rounds", type=int, default=3, help="passes per step; the fastest is kept")
     ap.add_argument("--chunk", type=int, default=250, help="images held in memory at once")
     args = ap.parse_args(argv)
     t0 = time.time()
     load = os.getloadavg()[0]
-    rows = profile(args.data, args.preset, model=args.model, limit=args.limit, rounds=args.rounds, chunk=args.chunk)
+    rows = profile(
+        args.data, args.preset, model=args.model, limit=args.limit, rounds=args.rounds, chunk=args.chunk, config=args.config
+    )
     n = len(_images(args.data, args.limit))
-    header = (f"preset `{args.preset}`{f' --model {args.model}' if args.model else ''}, {n} images of {args.data.name}, CPU ms, one thread, fastest of {args.rounds} "
+    over = f" --config {args.config.name}" if args.config else ""
+    header = (f"preset `{args.preset}`{f' --model {args.model}' if args.model else ''}{over}, {n} images of {args.data.name}, CPU ms, one thread, fastest of {args.rounds} "
               f"(load {load:.1f} → {os.getloadavg()[0]:.1f}, {time.time() - t0:.0f} s)")
     print(table(rows, header))
     return 0

@@ -32,6 +32,13 @@ class EmbedModel(StrEnum):
     NONE = "none"  # hashes only
 
 
+class Pool(StrEnum):
+    """What runs a local run's shards side by side (``workers`` of them)."""
+
+    THREADS = "threads"  # threads of the run's own process: one Python, one model in memory
+    PROCESSES = "processes"  # spawned worker processes, each with its own Python and model
+
+
 class Verifier(StrEnum):
     GEOMETRY = "geometry"  # ORB matches fit one transform, then the aligned pixels agree (verify.confirms)
     MODEL = "model"  # re-embed both images with search.verify_model (the SSCD cascade)
@@ -55,10 +62,11 @@ class FingerprintConfig:
     # or mirrored copy is within pdq_distance of one of them
     pdq_dihedral: bool = True
     # PDQ hashes the image fitted within this square (Meta's Python reference hasher: 512).
-    # Smaller is cheaper (pdqhash's cost is per input pixel) and, measured on the bench, as
-    # good: 384 links more true pairs within 31 bits than 512 (2,964 against 2,897), no more
-    # false ones (3 against 5), in 56 % of the pixels.
-    pdq_side: int = 384
+    # Smaller is cheaper (pdqhash's cost is per input pixel) and better: PDQ's own first step
+    # is a box-filtered 64 x 64 downsample, which a 64 px bicubic input does better. Bench v2's
+    # test split (docs/speed.md): hash path F1 0.289 -> 0.319 against 384 (resized copies
+    # 0.75 -> 0.98, flips 0.75 -> 0.99), default preset 0.796 -> 0.800, a quarter less CPU.
+    pdq_side: int = 64
     # embed the image without uniform margins (letterbox bars, padding, empty canvas), so a
     # padded copy and its original show the model the same picture (fingerprint.trim_borders)
     trim: bool = True
@@ -204,7 +212,11 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     folder_batch: int = 1000  # images per shard when reading a plain folder
-    workers: int = 0  # shards processed at once (processes); 0 = one per core
+    workers: int = 0  # shards processed at once; 0 = one per core
+    # what processes them side by side on this machine (Pool). Threads share one process and
+    # model, same manifest (bench v2 test, docs/speed.md): --model none 0.67x the peak memory and
+    # 0.92x the CPU, but the default preset 1.14x the CPU and no less memory: processes stay.
+    pool: Pool = Pool.PROCESSES
 
     def with_overrides(self, overrides: dict[str, Any]) -> Self:
         """A copy with dotted keys replaced, e.g. ``{"search.threshold": 0.9}``; None is ignored."""

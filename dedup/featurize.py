@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,14 +57,18 @@ SCHEMA = pa.schema(
 
 # One embedder per process, built on first use: a worker loads its model once, then serves
 # every shard it is given (clip-retrieval's "pass builders, not models" pattern).
+# Threads of one process (LocalExecutor(threads=True)) share it: ONNX Runtime sessions take
+# concurrent runs, each on its calling thread's intra-op threads; the lock builds it once.
 _EMBEDDERS: dict[tuple[str, int], Embedder | None] = {}
+_EMBEDDERS_LOCK = threading.Lock()
 
 
 def _embedder(cfg: RunConfig, threads: int) -> Embedder | None:
     key = (repr(cfg.embed), threads)
-    if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = build_embedder(cfg.embed, threads=threads)
-    return _EMBEDDERS[key]
+    with _EMBEDDERS_LOCK:
+        if key not in _EMBEDDERS:
+            _EMBEDDERS[key] = build_embedder(cfg.embed, threads=threads)
+        return _EMBEDDERS[key]
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,8 +184,10 @@ def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
 def test_two_workers_give_the_same_manifest(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
     root, _ = sample_images_dir
     run([str(root)], tmp_path / "one", config=FAST)
-    run([str(root)], tmp_path / "two", config=FAST.with_overrides({"workers": 2}))
+    run([str(root)], tmp_path / "two", config=FAST.with_overrides({"workers": 2, "pool": "processes"}))
+    run([str(root)], tmp_path / "threads", config=FAST.with_overrides({"workers": 2, "pool": "threads"}))
     assert (tmp_path / "one" / "manifest.parquet").read_bytes() == (tmp_path / "two" / "manifest.parquet").read_bytes()
+    assert (tmp_path / "one" / "manifest.parquet").read_bytes() == (tmp_path / "threads" / "manifest.parquet").read_bytes()
 
 
 def test_copy_of_output_folder_is_still_resumable(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:

@@ -1,13 +1,14 @@
-"""The default executor: this machine, one process or a pool of worker processes."""
+"""The default executor: this machine, one process, with a pool of threads or of worker processes."""
 
 from __future__ import annotations
 
 import errno
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from dedup._io import DEFAULT_HINT, OUTPUT_ERRNOS
@@ -21,18 +22,22 @@ class ShardFailedError(DedupError):
 
 
 class LocalExecutor:
-    """Runs shards in this process (``workers=1``) or in a pool of ``workers`` processes.
+    """Runs shards in this process (``workers=1``), or ``workers`` at a time on a pool of
+    threads of this process (``threads=True``) or of worker processes.
 
-    Worker processes start with ``spawn``: ONNX Runtime and faiss keep thread pools that do not
-    survive ``fork``. Each worker builds its model once (the step caches it) and then takes
-    shard after shard. Results are collected as they finish; markers are written by this
-    process, after the step's outputs are in place, so a crash never leaves a marker without
-    its outputs.
+    Threads share one Python, one numpy and pyarrow, and one model (the step caches it per
+    process): the per-shard work (decoding, resizing, SHA-256, PDQ by ctypes, ONNX Runtime,
+    OpenCV) runs with the GIL released. Worker processes start with ``spawn``: ONNX Runtime
+    and faiss keep thread pools that do not survive ``fork``; each builds its model once and
+    then takes shard after shard. Results are collected as they finish; markers are written by
+    this process's own thread, after the step's outputs are in place, so a crash never leaves a
+    marker without its outputs.
     """
 
-    def __init__(self, workers: int = 1, retries: int = 1) -> None:
+    def __init__(self, workers: int = 1, retries: int = 1, *, threads: bool = False) -> None:
         self.workers = max(1, workers or os.cpu_count() or 1)  # 0: one per core
         self.retries = max(0, retries)
+        self.threads = threads
 
     def run(
         self,
@@ -49,12 +54,29 @@ class LocalExecutor:
                 stats = self._attempt_inline(step, shard, on_progress)
                 self._finish(shard, stats, markers, results, on_done)
             return results
-        ctx = multiprocessing.get_context("spawn")
-        with _blas_threads(max(1, (os.cpu_count() or 1) // self.workers)), ProcessPoolExecutor(
-            max_workers=min(self.workers, len(todo)), mp_context=ctx
-        ) as pool:
+        share = max(1, (os.cpu_count() or 1) // self.workers)
+        pool: Executor
+        if self.threads:
+            # Steps report samples as they go (as inline), through one lock: progress bars
+            # are not made for several writers.
+            lock = threading.Lock()
+
+            def told(n: int) -> None:
+                with lock:
+                    assert on_progress is not None
+                    on_progress(n)
+
+            kwargs: dict[str, Any] = {"progress": told} if on_progress is not None else {}
+            pool = ThreadPoolExecutor(max_workers=min(self.workers, len(todo)))
+            limits: AbstractContextManager[None] = nullcontext()
+        else:
+            kwargs = {}
+            ctx = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx)
+            limits = _blas_threads(share)
+        with limits, pool:
             attempts = {s.shard_id: 0 for s in todo}
-            pending: dict[Future[dict[str, Any]], Shard] = {pool.submit(step, s): s for s in todo}
+            pending: dict[Future[dict[str, Any]], Shard] = {pool.submit(step, s, **kwargs): s for s in todo}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -67,9 +89,9 @@ class LocalExecutor:
                             for other in pending:
                                 other.cancel()
                             raise _failed(shard, err) from err
-                        pending[pool.submit(step, shard)] = shard
+                        pending[pool.submit(step, shard, **kwargs)] = shard
                         continue
-                    if on_progress is not None:
+                    if on_progress is not None and not kwargs:
                         on_progress(int(stats.get("samples", 0)))
                     self._finish(shard, stats, markers, results, on_done)
         return results
