@@ -158,6 +158,9 @@ class ClusterConfig:
     guard: bool = False  # False: connected components, as before
     hops: int = 2  # with guard: a member's largest distance in links from its cluster's core (0: no limit)
     merge_templates: bool = False  # with guard: template links join clusters too
+    # A second look's link (verified / partial) joins two clusters only when one of them holds
+    # at most this many rows (dedup.cluster.bridged_components); 0: off (it joins any two)
+    bridge: int = 0
 
 
 @dataclass(frozen=True, slots=True)
