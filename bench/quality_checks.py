@@ -34,7 +34,9 @@ def measure(data: Path, run_dir: Path, work: Path | None, out: Path, limit: int)
     import pyarrow.parquet as pq
     from quality_misses import load_run
 
-    from dedup.config import RunConfig, load_config
+    import json
+
+    from dedup.config import RunConfig, from_dict
     from dedup.second_look import geometry as g
     from dedup.second_look.tasks import look
 
@@ -47,7 +49,7 @@ def measure(data: Path, run_dir: Path, work: Path | None, out: Path, limit: int)
     if limit and c.size > limit:
         c = c[np.sort(np.random.default_rng(0).choice(c.size, limit, replace=False))]
     cfg_path = run_dir / "config.json"
-    cfg = load_config(cfg_path) if cfg_path.exists() else RunConfig()
+    cfg = from_dict(RunConfig, json.loads(cfg_path.read_text())) if cfg_path.exists() else RunConfig()
     keys = r["man"]["key"]
     grp = {x["file"]: x["group"] for x in r["labels"]}
     edit = {x["file"]: x["edit"] for x in r["labels"]}

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 SIGNALS = {0: "exact-bytes", 1: "exact-pixels", 2: "embedding", 3: "pdq", 4: "phash", 7: "verified", 8: "partial"}
 BINS = (0.0, 0.35, 0.45, 0.55, 0.7, 0.8, 0.9, 1.01)
 
@@ -41,11 +40,16 @@ def run(data: Path, out: Path, work: Path, config: Path | None, extra: Sequence[
     if config is not None:
         cmd += ["--config", str(config)]
     cmd += list(extra)
-    t0 = time.perf_counter()
+    from e2e import run_measured
+
     print("$", " ".join(cmd), flush=True)
-    rc = subprocess.run(cmd, check=False).returncode
-    print(f"dedup exit {rc} after {time.perf_counter() - t0:.0f} s wall", flush=True)
-    return rc
+    stats = run_measured(cmd, out.parent / f"{out.name}.log")
+    measured = {"rc": stats.returncode, "wall_s": round(stats.wall_seconds, 1), "cpu_s": round(stats.cpu_seconds, 1),
+                "tree_peak_mib": round(stats.tree_peak_rss_mib), "max_rss_mib": round(stats.max_rss_mib)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "_measured.json").write_text(json.dumps(measured, default=str) + "\n")
+    print(f"dedup exit {stats.returncode}: {measured}", flush=True)
+    return stats.returncode
 
 
 def _bin(x: float) -> str:
