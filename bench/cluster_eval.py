@@ -52,14 +52,14 @@ def dump(argv: Sequence[str]) -> int:
     return main() or 0
 
 
-def score_variants(data: Path, run: Path, hops: Sequence[int], skip: Sequence[str] = ()) -> list[tuple[str, dict]]:
+def score_variants(data: Path, run: Path, hops: Sequence[int], skip: Sequence[str] = (), bridge: Sequence[int] = ()) -> list[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(HERE))
     from quality import load_labels, score
 
-    from dedup.cluster import components, guarded_components
-    from dedup.search import Edges
+    from dedup.cluster import WEAK_SIGNALS, bridged_components, components, guarded_components
+    from dedup.search import Edges, Signal
 
     z = np.load(run / "_links.npz")
     n = int(z["n"])
@@ -81,6 +81,12 @@ def score_variants(data: Path, run: Path, hops: Sequence[int], skip: Sequence[st
         return {str(k): int(c) for k, c, o in zip(man["key"], labels, ok, strict=True) if o}
 
     out = [("components", score(labels_table, assign(components(n, edges))))]
+    for side in bridge:
+        for weak, tag in ((WEAK_SIGNALS, ""), ((*WEAK_SIGNALS, Signal.PDQ), " +pdq weak")):
+            b = bridged_components(n, edges, max_side=side, weak=weak)
+            s = score(labels_table, assign(b.labels))
+            s["refused"] = int(b.refused.sum())
+            out.append((f"bridge max_side={side}{tag}", s))
     for h in hops:
         for merge in (False, True):
             g = guarded_components(n, edges, pixels=z["pixels"], hops=h, merge_templates=merge)
@@ -100,16 +106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--run", type=Path, required=True, help="the dedup output folder holding _links.npz")
     ap.add_argument("--hops", default="0,1,2,3")
+    ap.add_argument("--bridge", default="1,2,3", help="max_side values of the bridge rule to score ('' for none)")
     ap.add_argument("--skip-distractors", default="", help="comma-separated distractor kinds left out of the scores (e.g. crop)")
     a = ap.parse_args(argv)
     skip = [k for k in a.skip_distractors.split(",") if k]
-    rows = score_variants(a.data, a.run, [int(x) for x in a.hops.split(",")], skip)
-    print("| clustering | P | R | F1 | partial | hard-neg merges | template links | detached |")
+    rows = score_variants(a.data, a.run, [int(x) for x in a.hops.split(",") if x], skip, [int(x) for x in a.bridge.split(",") if x])
+    print("| clustering | P | R | F1 | partial | hard-neg merges | template links | detached / refused |")
     print("|---|---|---|---|---|---|---|---|")
     for name, s in rows:
         pr = s.get("partial_recall")
         print(f"| {name} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {pr if pr is None else f'{pr:.3f}'} | "
-              f"{s['hard_negatives']['merged']} | {s.get('template_links', '–')} | {s.get('detached', '–')} |")
+              f"{s['hard_negatives']['merged']} | {s.get('template_links', '–')} | {s.get('detached', s.get('refused', '–'))} |")
     return 0
 
 

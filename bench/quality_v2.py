@@ -1009,16 +1009,16 @@ def report(data: Path, distractors: Sequence[int], methods: Sequence[str], out: 
             slug = re.sub(r"[^A-Za-z0-9._-]+", "_", nm).strip("_")
             links = out / f"test+{n}" / slug / "dedup"
             if (links / "_links.npz").exists():
-                for variant, s in cluster_eval.score_variants(folder, links, [2]):
+                for variant, s in cluster_eval.score_variants(folder, links, [2], bridge=[1]):
                     guard_rows.append((n, nm, variant, s))
     if guard_rows:
         print("\nClustering of the same links (`bench/cluster_eval.py`; test split):\n")
-        print("| distractors | method | clustering | P | R | F1 | partial | hard-neg merges | template links |")
+        print("| distractors | method | clustering | P | R | F1 | partial | hard-neg merges | template links / bridges refused |")
         print("|---|---|---|---|---|---|---|---|---|")
         for n, nm, variant, s in guard_rows:
             pr = s.get("partial_recall")
             print(f"| +{n} | {nm} | {variant} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | "
-                  f"{pr if pr is None else f'{pr:.3f}'} | {s['hard_negatives']['merged']} | {s.get('template_links', '–')} |")
+                  f"{pr if pr is None else f'{pr:.3f}'} | {s['hard_negatives']['merged']} | {s.get("template_links", s.get("refused", "–"))} |")
     return 0
 
 

@@ -149,10 +149,12 @@ class SearchConfig:
     # aligned pixels agreeing (or pass as a global pair would).
     partial: bool = True
     partial_propose: float = 0.35
-    partial_margin: float = 0.1
+    # bench v2 (issue 24): margin 0.075, 8 nearest, 4 per image (were 0.1, 4, 2): a collage
+    # holds up to five pictures, and a small paste's window beats the wholes by less than 0.1
+    partial_margin: float = 0.075
     partial_inliers: int = 40
-    partial_top_k: int = 4  # proposals per region descriptor (nearest whole images)
-    partial_per_image: int = 2  # proposals verified per containing image (its best ones)
+    partial_top_k: int = 8  # proposals per region descriptor (nearest whole images)
+    partial_per_image: int = 4  # proposals verified per containing image (its best ones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,9 @@ class ClusterConfig:
     guard: bool = False  # False: connected components, as before
     hops: int = 2  # with guard: a member's largest distance in links from its cluster's core (0: no limit)
     merge_templates: bool = False  # with guard: template links join clusters too
+    # A second look's link (verified / partial) joins two clusters only when one of them holds
+    # at most this many rows (dedup.cluster.bridged_components); 0: off (it joins any two)
+    bridge: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from dedup._version import __version__
 from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
-from dedup.cluster import components, guarded_components
+from dedup.cluster import bridged_components, components, guarded_components
 from dedup.config import EmbedModel, Pool, RunConfig, save_config
 from dedup.decisions import apply_decisions, load_decisions, review_section
 from dedup.errors import ConfigError, OutputError, SourceError
@@ -375,6 +375,12 @@ def _cluster(
     (:func:`~dedup.cluster.guarded_components`). With the guard, the links that cross clusters
     (template links, links to detached rows) leave the edges the manifest and report see, and
     the report counts them (``cluster`` in its shard stats)."""
+    if cfg.cluster.bridge > 0 and not cfg.cluster.guard:
+        b = bridged_components(n, edges, max_side=cfg.cluster.bridge)
+        inside = b.labels[edges.i] == b.labels[edges.j]
+        kept = Edges(edges.i[inside], edges.j[inside], edges.score[inside], edges.signal[inside])
+        stats = {"bridge": cfg.cluster.bridge, "links_refused": int(b.refused.sum())}
+        return b.labels, kept, {**shard_stats, "cluster": stats}
     if not cfg.cluster.guard:
         return components(n, edges), edges, shard_stats
     g = guarded_components(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dedup.cluster import components, guarded_components, template_links
+from dedup.cluster import bridged_components, components, guarded_components, template_links
 from dedup.config import RunConfig
 from dedup.search import Edges, Signal
 
@@ -72,3 +72,56 @@ def test_labels_do_not_depend_on_link_order() -> None:
 def test_cluster_table_reads_from_config() -> None:
     cfg = RunConfig().with_overrides({"cluster.guard": True, "cluster.hops": 1})
     assert cfg.cluster.guard and cfg.cluster.hops == 1 and not cfg.cluster.merge_templates
+
+
+def _two_groups_and_a_bridge() -> Edges:
+    """Group A (rows 0-3) and group B (rows 4-6), each held together by embedding links; a copy
+    of A found by the second look (row 7), and one verified link from A's crop (3) to B (4)."""
+    return Edges.concat([
+        Edges.of(np.array([0, 0, 0, 4, 4]), np.array([1, 2, 3, 5, 6]), np.full(5, 0.95), Signal.EMBEDDING),
+        Edges.of(np.array([7, 3]), np.array([0, 4]), np.array([0.7, 0.8]), Signal.VERIFIED),
+    ])
+
+
+def test_a_weak_link_attaches_a_copy_but_does_not_bridge_two_clusters() -> None:
+    e = _two_groups_and_a_bridge()
+    assert (components(8, e) == 0).all()  # plain components: one cluster of 8
+    b = bridged_components(8, e, max_side=1)
+    assert b.labels.tolist() == [0, 0, 0, 0, 4, 4, 4, 0]
+    assert b.refused.tolist() == [False] * 5 + [False, True]
+    # max_side 3 lets the bridge through: B holds 3 rows
+    assert (bridged_components(8, e, max_side=3).labels == 0).all()
+
+
+def test_a_strong_link_still_joins_what_a_weak_one_may_not() -> None:
+    e = Edges.concat([_two_groups_and_a_bridge(), Edges.of(np.array([1]), np.array([5]), np.array([0.97]), Signal.EMBEDDING)])
+    b = bridged_components(8, e, max_side=1)
+    assert (b.labels == 0).all() and not b.refused.any()  # joined anyway: nothing refused
+
+
+def test_bridge_labels_do_not_depend_on_link_order() -> None:
+    rng = np.random.default_rng(1)
+    e = Edges.concat([
+        _chain(0, 10),
+        Edges.of(rng.integers(0, 40, 30), rng.integers(0, 40, 30), rng.uniform(0.5, 0.9, 30), Signal.VERIFIED),
+        Edges.of(rng.integers(0, 40, 10), rng.integers(0, 40, 10), rng.uniform(0.5, 0.9, 10), Signal.PARTIAL),
+    ])
+    perm = rng.permutation(len(e))
+    shuffled = Edges(e.i[perm], e.j[perm], e.score[perm], e.signal[perm])
+    a, b = bridged_components(40, e, max_side=2), bridged_components(40, shuffled, max_side=2)
+    assert (a.labels == b.labels).all()
+    assert sorted(zip(e.i[a.refused].tolist(), e.j[a.refused].tolist())) == sorted(
+        zip(shuffled.i[b.refused].tolist(), shuffled.j[b.refused].tolist())
+    )
+
+
+def test_bridge_from_config_reaches_the_run() -> None:
+    from dedup.pipeline import _cluster
+
+    e = _two_groups_and_a_bridge()
+    cfg = RunConfig().with_overrides({"cluster.bridge": 1})
+    labels, kept, stats = _cluster(8, e, np.ones(8), cfg, {})
+    assert labels.tolist() == [0, 0, 0, 0, 4, 4, 4, 0]
+    assert len(kept) == len(e) - 1 and stats["cluster"]["links_refused"] == 1
+    plain, _, _ = _cluster(8, e, np.ones(8), RunConfig(), {})
+    assert (plain == 0).all()

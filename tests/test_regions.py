@@ -11,7 +11,7 @@ from _configs import PLAIN, plain_embed, plain_fingerprint
 from _data import natural_image
 from PIL import Image, ImageDraw, ImageOps
 
-from dedup.config import EmbedModel
+from dedup.config import EmbedModel, RunConfig
 from dedup.embed.onnx import build_onnx_sscd
 from dedup.embed.regions import HEADS, pool_regions, windows, with_outputs
 from dedup.fingerprint import fingerprint
@@ -558,3 +558,43 @@ def test_partial_proposals_from_region_files_and_an_inverted_file(tmp_path: Path
     few_cells = partial_candidates(on_disk, files, rows, use, lists=16, probe=4, **kw)
     assert len(pairs(few_cells) & pairs(expected)) >= 0.95 * len(expected)
     assert partial_candidates(on_disk, files, rows, use, lists=16, probe=4, **kw).score.tobytes() == few_cells.score.tobytes()
+
+
+def test_default_partial_proposals_reach_every_picture_of_a_collage(tmp_path: Path) -> None:
+    """Bench v2 (issue 24): a collage holds up to five pictures, and a small one's window beats
+    the two whole images' own similarity by less than 0.1. The defaults propose each picture
+    of a four-picture collage whose windows beat the wholes by 0.08 (per image 4, margin
+    0.075); the previous ones (2, 0.1) proposed none of them, and cut a collage to two."""
+    from dedup.second_look.propose import RegionFiles, partial_candidates
+
+    rng = np.random.default_rng(11)
+    n, dim = 200, 256
+    vecs = rng.standard_normal((n, dim))
+    regions = rng.standard_normal((n, 13, dim))
+    collage, pictures = 0, [11, 22, 33, 44]
+    basis = np.linalg.qr(rng.standard_normal((dim, 9)))[0].T  # orthonormal directions
+    vecs[pictures] = basis[:4]
+    # the collage's whole image resembles each picture a little (0.3); one window of it, each
+    # picture a little more (0.38)
+    vecs[collage] = 0.3 * basis[:4].sum(axis=0) + 0.8 * basis[4]
+    for w in range(4):
+        regions[collage, w] = 0.38 * basis[w] + np.sqrt(1 - 0.38**2) * basis[5 + w]
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    regions /= np.linalg.norm(regions, axis=2, keepdims=True)
+    cos = vecs[pictures] @ vecs[collage]
+    best = np.array([regions[collage, w] @ vecs[p] for w, p in enumerate(pictures)])
+    assert np.allclose(best - cos, 0.08)
+    np.save(tmp_path / "0.regions.npy", regions.astype(np.float16))
+    files = RegionFiles.of([tmp_path / "0.regions.npy"])
+    assert files is not None
+    rows, use = np.arange(n, dtype=np.int64), np.ones(n, bool)
+    s = RunConfig().search
+
+    def proposed(**kw: float) -> set[int]:
+        c = partial_candidates(vecs.astype(np.float32), files, rows, use, propose=s.partial_propose, **kw)  # type: ignore[arg-type]
+        return {int(j) for i, j in zip(c.i.tolist(), c.j.tolist(), strict=True) if i == collage}
+
+    now = proposed(top_k=s.partial_top_k, margin=s.partial_margin, per_image=s.partial_per_image)
+    assert now == set(pictures)
+    assert proposed(top_k=4, margin=0.1, per_image=2) == set()
+    assert len(proposed(top_k=4, margin=0.05, per_image=2)) == 2

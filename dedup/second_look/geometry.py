@@ -194,18 +194,18 @@ def _blur(grey: np.ndarray) -> np.ndarray:
     return blurred
 
 
-def _agreement_both_ways(pair: _Blurred, homography: np.ndarray, *, enough: float = 2.0) -> float:
+def _agreement_both_ways(pair: _Blurred, homography: np.ndarray, *, enough: float = 2.0, opening: int = 3) -> float:
     """The better of ``query`` warped onto ``target`` and ``target`` warped back onto ``query``:
     either image may be the crop of the other, so the smaller overlap is judged both ways. The
     way back is not computed once the first reaches ``enough`` (the answer is then known)."""
-    agreement = _agreement(pair, pair.query, pair.target, homography)
+    agreement = _agreement(pair, pair.query, pair.target, homography, opening=opening)
     if agreement >= enough:
         return agreement
     try:
         back = np.linalg.inv(homography)
     except np.linalg.LinAlgError:
         return agreement
-    return max(agreement, _agreement(pair, pair.target, pair.query, back))
+    return max(agreement, _agreement(pair, pair.target, pair.query, back, opening=opening))
 
 
 def aligned_agreement(query: LocalFeatures, target: LocalFeatures, homography: np.ndarray) -> float:
@@ -222,7 +222,7 @@ def aligned_agreement(query: LocalFeatures, target: LocalFeatures, homography: n
     return _agreement(_Blurred(query, target), query, target, homography)
 
 
-def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homography: np.ndarray) -> float:
+def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homography: np.ndarray, *, opening: int = 3) -> float:
     """:func:`aligned_agreement`, with the pair's blurred copies made once (``pair``).
 
     Computed over whole arrays (the part outside the overlap zeroed) rather than on the
@@ -264,7 +264,8 @@ def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homo
     # or a missing puzzle knob is a blob, which stays.
     differs = np.abs(gain * (x - sx / n) - (y - sy / n)) >= _AGREE * 255
     np.logical_and(differs, overlap, out=differs)
-    opened = cv2.morphologyEx(differs.view(np.uint8), cv2.MORPH_OPEN, _OPENING).view(bool)
+    kernel = _OPENING if opening == 3 else np.ones((opening, opening), np.uint8)
+    opened = cv2.morphologyEx(differs.view(np.uint8), cv2.MORPH_OPEN, kernel).view(bool)
     return 1.0 - int(np.count_nonzero(np.logical_and(opened, overlap, out=opened))) / n
 
 
