@@ -558,3 +558,39 @@ def test_partial_proposals_from_region_files_and_an_inverted_file(tmp_path: Path
     few_cells = partial_candidates(on_disk, files, rows, use, lists=16, probe=4, **kw)
     assert len(pairs(few_cells) & pairs(expected)) >= 0.95 * len(expected)
     assert partial_candidates(on_disk, files, rows, use, lists=16, probe=4, **kw).score.tobytes() == few_cells.score.tobytes()
+
+
+def test_band_from_nearest_neighbours_is_each_images_best_fresh_pairs(tmp_path: Path) -> None:
+    """The band proposed a block of images at a time from their nearest neighbours (memory
+    bounded by the block, not by the pairs in the band) is the band's every pair cut to each
+    image's best fresh ones; from a file of vectors through an inverted file visiting every cell
+    too; and asks further for an image whose nearest are a joined group of copies."""
+    from dedup.partition import VectorFiles
+    from dedup.second_look.propose import band_candidates, fresh, top_per_image, whole_index
+
+    rng = np.random.default_rng(11)
+    n, dim = 1500, 32
+    centres = rng.standard_normal((12, dim))
+    vecs = centres[rng.integers(0, 12, n)] + 0.9 * rng.standard_normal((n, dim))
+    vecs[:40] = vecs[0] + 0.01 * rng.standard_normal((40, dim))  # 40 copies of one image, joined below
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    rows = np.arange(n, dtype=np.int64) * 3 + 1
+    use = np.ones(n, bool)
+    use[::37] = False
+    labels = np.arange(3 * n + 1, dtype=np.int64)
+    labels[rows[:40]] = rows[0]  # the copies are one component already
+    kw = {"low": 0.5, "high": 0.95, "block_size": 256}
+    every = band_candidates(vecs, rows, use, **kw)
+    assert len(every) > 20 * n  # a crowd: many more band pairs than are looked at
+    expected = top_per_image(fresh(every, labels), 5)
+
+    def pairs(c: Candidates) -> list[tuple[int, int, float]]:
+        return sorted(zip(c.i.tolist(), c.j.tolist(), np.round(c.score, 4).tolist(), strict=True))
+
+    nearest = band_candidates(vecs, rows, use, labels=labels, per_image=5, **kw)
+    assert pairs(nearest) == pairs(expected)
+    assert (nearest.i < nearest.j).all() and (nearest.window == -1).all()
+    np.save(tmp_path / "v.npy", vecs)
+    on_disk = VectorFiles([tmp_path / "v.npy"])
+    ivf = whole_index(on_disk, use, lists=16, probe=16)
+    assert pairs(band_candidates(on_disk, rows, use, labels=labels, per_image=5, index=ivf, **kw)) == pairs(expected)
