@@ -268,10 +268,13 @@ def second_look(
     """Confirmed links beyond ``direct`` (the links every signal made at its own threshold), at
     any number of rows.
 
-    Proposes the band candidates (``search.verify_from``: an exact search up to
-    ``search.partition_above`` embeddings, the partitioned one above) and, with ``regions``
-    (:class:`~dedup.second_look.propose.RegionFiles`), the partial ones (``search.partial``);
-    drops those already joined by ``direct`` links; spills the rest under ``work_dir`` grouped
+    Proposes the band candidates (``search.verify_from``: each image's
+    ``search.verify_per_image`` best pairs in the band not joined by ``direct`` links, from its
+    nearest neighbours a block of images at a time) and, with ``regions``
+    (:class:`~dedup.second_look.propose.RegionFiles`), the partial ones (``search.partial``),
+    both from one index of the whole images: exact up to ``search.partition_above``
+    embeddings, an inverted file above (with ``verify_per_image`` 0, every band pair: the
+    partitioned search); drops those already joined by ``direct`` links; spills the rest under ``work_dir`` grouped
     by the shard of their lower row and verifies them as per-shard tasks through ``executor``
     (:mod:`dedup.second_look.tasks`; default: this process, ``cfg.workers`` processes), each
     re-reading only its own shard's images. A rerun with the same candidates resumes from the
