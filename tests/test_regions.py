@@ -560,7 +560,7 @@ def test_partial_proposals_from_region_files_and_an_inverted_file(tmp_path: Path
     assert partial_candidates(on_disk, files, rows, use, lists=16, probe=4, **kw).score.tobytes() == few_cells.score.tobytes()
 
 
-def test_band_from_nearest_neighbours_is_each_images_best_fresh_pairs(tmp_path: Path) -> None:
+def test_band_from_nearest_neighbours_is_each_images_best_fresh_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The band proposed a block of images at a time from their nearest neighbours (memory
     bounded by the block, not by the pairs in the band) is the band's every pair cut to each
     image's best fresh ones; from a file of vectors through an inverted file visiting every cell
@@ -594,3 +594,7 @@ def test_band_from_nearest_neighbours_is_each_images_best_fresh_pairs(tmp_path: 
     on_disk = VectorFiles([tmp_path / "v.npy"])
     ivf = whole_index(on_disk, use, lists=16, probe=16)
     assert pairs(band_candidates(on_disk, rows, use, labels=labels, per_image=5, index=ivf, **kw)) == pairs(expected)
+    import dedup.second_look.propose
+
+    monkeypatch.setattr(dedup.second_look.propose, "_RESULTS", 500)  # a few rows a search: the same pairs
+    assert pairs(band_candidates(vecs, rows, use, labels=labels, per_image=5, **kw)) == pairs(expected)

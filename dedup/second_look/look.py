@@ -64,7 +64,7 @@ from dedup.rows import FeatureRows, as_rows
 from dedup.partition import VectorFiles, auto_settings, partitioned_edges
 from dedup.search import Candidates, Edges, Signal, best_per_pair
 from dedup.second_look.geometry import LOCAL_SIDE, LocalFeatures, confirms, local_features, one_thread_each
-from dedup.second_look.propose import RegionFiles, band_candidates, fresh, ivf_lists, partial_candidates, top_per_image, whole_index
+from dedup.second_look.propose import IVF_ABOVE, RegionFiles, band_candidates, fresh, ivf_lists, partial_candidates, top_per_image, whole_index
 from dedup.second_look.tasks import CANDIDATE_DTYPE, CheckStep, ReadStep, crop_to, read_edges
 from dedup.sources.readback import stream_images
 
@@ -272,8 +272,9 @@ def second_look(
     ``search.verify_per_image`` best pairs in the band not joined by ``direct`` links, from its
     nearest neighbours a block of images at a time) and, with ``regions``
     (:class:`~dedup.second_look.propose.RegionFiles`), the partial ones (``search.partial``),
-    both from one index of the whole images: exact up to ``search.partition_above``
-    embeddings, an inverted file above (with ``verify_per_image`` 0, every band pair: the
+    both from one index of the whole images: exact up to
+    :data:`~dedup.second_look.propose.IVF_ABOVE` images (or ``search.partition_above``), an
+    inverted file above (with ``verify_per_image`` 0, every band pair: the
     partitioned search); drops those already joined by ``direct`` links; spills the rest under ``work_dir`` grouped
     by the shard of their lower row and verifies them as per-shard tasks through ``executor``
     (:mod:`dedup.second_look.tasks`; default: this process, ``cfg.workers`` processes), each
@@ -300,10 +301,11 @@ def second_look(
     with _work_folder(work_dir) as work:
         band_on = 0 <= search.verify_from < search.threshold
         partial_on = search.partial and regions is not None and len(regions) == embedded_rows.size
-        # One index of the whole images serves both proposals: exact up to partition_above, an
-        # inverted file above it (each image asks the cells nearest to it).
+        # One index of the whole images serves both proposals: exact up to IVF_ABOVE images (or
+        # partition_above, if lower), an inverted file above (each query visits its nearest cells).
         nearest = band_on and search.verify_per_image > 0
-        index = whole_index(vectors, use, lists=ivf_lists(int(rows.size)) if large else 0) if nearest or partial_on else None
+        cells = ivf_lists(int(rows.size)) if large or rows.size > IVF_ABOVE else 0
+        index = whole_index(vectors, use, lists=cells) if nearest or partial_on else None
         if band_on:
             partitioned = None
             if large and not nearest:

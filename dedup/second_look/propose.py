@@ -21,6 +21,7 @@ from dedup.partition import VectorFiles
 from dedup.search import Candidates, Edges, best_per_pair
 
 __all__ = [
+    "IVF_ABOVE",
     "RegionFiles",
     "band_candidates",
     "best_proposals",
@@ -110,6 +111,12 @@ class RegionFiles:
 
 
 IVF_PROBE = 32  # cells each region visits when the whole images are in an inverted file
+IVF_ABOVE = 10_000
+"""Whole images (with an image and an embedding) above which the second look's index of them is
+an inverted file (:func:`ivf_lists` cells) rather than flat, whatever ``search.partition_above``:
+the partial proposals ask it with every window of every image (13 an image), so flat they cost
+``13 N² dim``: more than 11 minutes at 20,000 images on the shared two-core machine (measured
+at a load of ~10; killed), where the cells cut it by ``ivf_lists / IVF_PROBE`` (``docs/architecture.md``)."""
 
 
 def ivf_lists(n: int) -> int:
@@ -214,6 +221,7 @@ def band_candidates(
 
 
 _FIRST_K = 16  # neighbours asked for beyond per_image; quadrupled for the images that need more
+_RESULTS = 1 << 20  # neighbours asked for at once (rows x k): ~30 MB with their masks
 
 
 def _band_nearest(
@@ -248,27 +256,32 @@ def _band_nearest(
         pending = np.arange(m)
         k = min(n, per_image + _FIRST_K)
         while pending.size:
-            dist, idx = index.search(block[pending], k)
-            me = (start + pending)[:, None]
-            valid = idx >= 0
-            safe = np.where(valid, idx, 0)
-            ok = valid & (safe != me) & (dist >= low) & (dist < high) & (lab[safe] != lab[me])
-            # Ties broken by the lower row: faiss orders equal scores arbitrarily.
-            enough = ok.sum(axis=1) >= per_image
-            exhausted = (k >= n) | ~valid[:, -1] | (dist[:, -1] < low)
-            finish = enough | exhausted
-            if finish.any():
+            again: list[np.ndarray] = []
+            # a few rows at a time: the (rows x k) results held at once stay bounded as k grows
+            for c in range(0, pending.size, max(1, _RESULTS // k)):
+                ask = pending[c : c + max(1, _RESULTS // k)]
+                dist, idx = index.search(block[ask], k)
+                me = (start + ask)[:, None]
+                valid = idx >= 0
+                safe = np.where(valid, idx, 0)
+                ok = valid & (safe != me) & (dist >= low) & (dist < high) & (lab[safe] != lab[me])
+                enough = ok.sum(axis=1) >= per_image
+                exhausted = (k >= n) | ~valid[:, -1] | (dist[:, -1] < low)
+                finish = enough | exhausted
+                again.append(ask[~finish])
+                if not finish.any():
+                    continue
                 sub_ok, sub_d, sub_i = ok[finish], dist[finish], safe[finish]
                 q = np.repeat(me[finish, 0], sub_ok.sum(axis=1))
                 d, j = sub_d[sub_ok], sub_i[sub_ok]
-                order = np.lexsort((j, -d, q))
+                order = np.lexsort((j, -d, q))  # ties: the lower row first (faiss orders them arbitrarily)
                 q, d, j = q[order], d[order], j[order]
                 first = _rank_in_runs(q) < per_image
                 q, d, j = q[first], d[first], j[first]
                 found_i.append(np.minimum(q, j))
                 found_j.append(np.maximum(q, j))
                 found_s.append(d.astype(np.float32))
-            pending = pending[~finish]
+            pending = np.concatenate(again)
             k = min(n, 4 * k)
         if progress is not None:
             progress(m)
