@@ -327,6 +327,7 @@ def partial_candidates(
         index = whole_index(vectors, use, lists=lists, probe=probe)
     pos_of = np.full(use.size, -1, np.int64)  # embedded position -> position among ``use``
     pos_of[use] = np.arange(n, dtype=np.int64)
+    use_pos = np.flatnonzero(use)  # and back
     k = min(top_k + 1, n)  # one more: an image's own whole is usually its regions' nearest
     found: list[Candidates] = []
     for first, regs in regions.blocks(block_size):
@@ -344,23 +345,35 @@ def partial_candidates(
                 dist, idx = dist.reshape(-1), idx.reshape(-1).astype(np.int64)
                 hit = (idx >= 0) & (idx != owner) & (dist >= propose)
                 c = Candidates(owner[hit], idx[hit], dist[hit].astype(np.float32), window[hit])
-                if len(c):  # the best window per (container, image): all of a container's are here
-                    found.append(c.take(best_per_pair(c.i, c.j, c.score)))
+                if len(c):
+                    # All of a container's windows are in this block: its best window per image,
+                    # the margin over the two whole images and its per_image best are decided
+                    # here, so what is held grows with per_image x N, not with the hits.
+                    c = c.take(best_per_pair(c.i, c.j, c.score))
+                    whole = _whole_scores(vectors, use_pos[c.i], use_pos[c.j])
+                    found.append(_best_scored(c, whole, margin=margin, per_image=per_image))
             if progress is not None:
                 progress(part.shape[0])
     cands = Candidates.concat(found)
-    if not len(cands):
-        return cands
-    cands = Candidates(rows[cands.i], rows[cands.j], cands.score, cands.window)
-    # the two whole images' own similarity, gathered for the proposed pairs only
-    emb_pos = np.searchsorted(embedded_rows, np.concatenate([cands.i, cands.j]))
-    if isinstance(vectors, VectorFiles):
-        uniq, inverse = np.unique(emb_pos, return_inverse=True)
-        both = vectors.take(uniq)[inverse]
-    else:
-        both = np.asarray(vectors, np.float32)[emb_pos]
-    whole = np.einsum("nd,nd->n", both[: len(cands)], both[len(cands) :])
-    return _best_scored(cands, whole, margin=margin, per_image=per_image)
+    return Candidates(rows[cands.i], rows[cands.j], cands.score, cands.window)
+
+
+_GATHER = 8192  # pairs whose two vectors are gathered at once (~32 MB at 512 dimensions)
+
+
+def _whole_scores(vectors: np.ndarray | VectorFiles, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The whole images' own similarity for the pairs of embedded positions ``(a, b)``."""
+    out = np.empty(a.size, np.float32)
+    for s in range(0, a.size, _GATHER):
+        pos = np.concatenate([a[s : s + _GATHER], b[s : s + _GATHER]])
+        if isinstance(vectors, VectorFiles):
+            uniq, inverse = np.unique(pos, return_inverse=True)
+            both = vectors.take(uniq)[inverse]
+        else:
+            both = np.asarray(vectors[pos], np.float32)
+        m = pos.size // 2
+        out[s : s + m] = np.einsum("nd,nd->n", both[:m], both[m:])
+    return out
 
 
 def fresh(cands: Candidates, labels: np.ndarray) -> Candidates:
