@@ -22,6 +22,7 @@ local run's.
     python bench/scale_images.py --n 20000                      # local, and the same copies at 5,000
     python bench/scale_images.py --n 20000 --executor ray       # then Ray: same manifest?
     python bench/scale_images.py --n 200000 --json bench/out/scale_images.json
+    python bench/scale_images.py --n 20000 --reuse bench/out/scale_images/local-20000 --tag=-new  # global stages only
 """
 
 from __future__ import annotations
