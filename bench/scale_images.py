@@ -22,6 +22,7 @@ local run's.
     python bench/scale_images.py --n 20000                      # local, and the same copies at 5,000
     python bench/scale_images.py --n 20000 --executor ray       # then Ray: same manifest?
     python bench/scale_images.py --n 200000 --json bench/out/scale_images.json
+    python bench/scale_images.py --n 20000 --reuse bench/out/scale_images/local-20000 --tag=-new  # global stages only
 """
 
 from __future__ import annotations
@@ -134,9 +135,17 @@ def build(n: int, quality: Path, data: Path, *, workers: int) -> tuple[Path, pl.
     return mixed, labels
 
 
-def run_cli(src: Path, out: Path, extra: list[str]) -> dict[str, Any]:
-    """``dedup run`` (default preset) as a child process: wall time and its phases."""
+def run_cli(src: Path, out: Path, extra: list[str], *, reuse: Path | None = None) -> dict[str, Any]:
+    """``dedup run`` (default preset) as a child process: wall time and its phases. ``reuse``:
+    an earlier run over the same images whose per-shard features are hard-linked in first, so
+    only the global stages run (their phases are what is compared; read + featurize is ~0)."""
     shutil.rmtree(out, ignore_errors=True)
+    if reuse is not None:
+        for stage in sorted((reuse / ".work").glob("*/shards")):
+            for name in ("shards", "done"):
+                if (stage.parent / name).is_dir():
+                    dest = out / ".work" / stage.parent.name / name
+                    shutil.copytree(stage.parent / name, dest, copy_function=os.link)
     cmd = [*dedup_command(), "run", str(src), "--out", str(out), "--quiet", *extra]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -221,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partition-above", type=int, default=None,
                     help="the default preset with search.partition_above lowered: the at-scale paths (partitioned band, "
                     "inverted-file partial proposals) on fewer images")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier run's OUT over the same images: its per-shard features are hard-linked in and only the "
+                    "global stages run (to compare second-look settings or code without featurizing again)")
+    ap.add_argument("--tag", default="", help="appended to the run's folder name (OUT/<executor>-<n><tag>)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     mixed, labels = build(args.n, args.quality, args.data, workers=os.cpu_count() or 1)
@@ -240,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             results["reference"]["quality"] = evaluate(ref_out, labels)
             (ref_out / "bench.json").write_text(json.dumps(results["reference"], default=str))
     out = args.out / f"{args.executor}-{args.n}" if args.partition_above is None else args.out / f"{args.executor}-{args.n}-p{args.partition_above}"
+    out = out.with_name(out.name + args.tag)
     extra = ["--executor", "ray"] if args.executor == "ray" else []
     if args.partition_above is not None:
         preset = (REPO / "configs" / "default.toml").read_text()
@@ -248,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(preset.replace("[search]\n", f"[search]\npartition_above = {args.partition_above}\n", 1))
         extra += ["--config", str(config)]
         results["partition_above"] = args.partition_above
-    results["run"] = summarise(f"mixed ({args.executor})", n_mixed, run_cli(mixed, out, extra), out)
+    results["run"] = summarise(f"mixed ({args.executor})", n_mixed, run_cli(mixed, out, extra, reuse=args.reuse), out)
     results["run"]["quality"] = evaluate(out, labels)
     (out / "bench.json").write_text(json.dumps(results["run"], default=str))
     print("\n| planted copies | P | R | partial R | planted-distractor pairs |\n| --- | ---: | ---: | ---: | ---: |")

@@ -383,7 +383,8 @@ def second_look_against(
     if band:
         with progress("second look: propose (drop)", int(use.sum()), "vec") as bar:
             found = band_candidates(all_vectors, embedded_rows, use, low=search.verify_from, high=search.threshold,
-                                    block_size=search.block_size, progress=bar.update)  # fmt: skip
+                                    block_size=search.block_size, labels=labels, per_image=search.verify_per_image,
+                                    progress=bar.update)  # fmt: skip
         parts.append(top_per_image(fresh(found, labels), search.verify_per_image))
     step = FeatureStep(config=cfg, out_dir=work / FEATURES)
     regions = RegionFiles.of([step.regions_path(s) for s in new]) if search.partial else None

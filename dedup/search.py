@@ -160,6 +160,8 @@ class CrossLinks:
 
 Progress = Callable[[int], object]
 
+RESULTS_PER_BLOCK = 1 << 22  # range-search results one query block may return before the next is made smaller
+
 
 def _blocks(n: int, block_size: int) -> range:
     return range(0, n, max(1, block_size))
@@ -194,10 +196,17 @@ def embedding_edges(
     # faiss keeps scores strictly above the radius; step just below so ">= threshold" holds.
     radius = float(np.nextafter(np.float32(low), np.float32(-np.inf)))
     found: list[Edges] = []
-    for start in _blocks(n, block_size):
-        stop = min(n, start + block_size)
+    start, step = 0, max(1, min(block_size, 2048))  # the first block small: it measures the crowd
+    while start < n:
+        stop = min(n, start + step)
         lims, dist, idx = index.range_search(x[start:stop], radius)
         q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims.astype(np.int64)))
+        # A block's results (~50 bytes each here) grow with N where many images look alike (a
+        # rendered or templated crowd above a low count level): the next block is sized so its
+        # results stay near RESULTS_PER_BLOCK. Each pair is found from its lower row whatever
+        # the blocks, so the edges and counts do not depend on them.
+        per_query = idx.size / (stop - start)
+        step = int(min(max(1, block_size), max(64, RESULTS_PER_BLOCK // max(1.0, per_query))))
         upper = idx > q  # each unordered pair once, no self-pairs
         q, idx, dist = q[upper], idx[upper], dist[upper]
         for t in levels:
@@ -207,8 +216,10 @@ def embedding_edges(
             counts[t][1][idx[hit]] = True
         keep = dist >= threshold
         found.append(Edges.of(rows[q[keep]], rows[idx[keep]], dist[keep], Signal.EMBEDDING))
+        del lims, dist, idx, q, upper, keep
         if progress is not None:
             progress(stop - start)
+        start = stop
     summary = {t: (int(c[0]), int(c[1].sum())) for t, c in counts.items()}
     return Edges.concat(found), summary
 

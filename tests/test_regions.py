@@ -598,3 +598,43 @@ def test_default_partial_proposals_reach_every_picture_of_a_collage(tmp_path: Pa
     assert now == set(pictures)
     assert proposed(top_k=4, margin=0.1, per_image=2) == set()
     assert len(proposed(top_k=4, margin=0.05, per_image=2)) == 2
+
+
+def test_band_from_nearest_neighbours_is_each_images_best_fresh_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The band proposed a block of images at a time from their nearest neighbours (memory
+    bounded by the block, not by the pairs in the band) is the band's every pair cut to each
+    image's best fresh ones; from a file of vectors through an inverted file visiting every cell
+    too; and asks further for an image whose nearest are a joined group of copies."""
+    from dedup.partition import VectorFiles
+    from dedup.second_look.propose import band_candidates, fresh, top_per_image, whole_index
+
+    rng = np.random.default_rng(11)
+    n, dim = 1500, 32
+    centres = rng.standard_normal((12, dim))
+    vecs = centres[rng.integers(0, 12, n)] + 0.9 * rng.standard_normal((n, dim))
+    vecs[:40] = vecs[0] + 0.01 * rng.standard_normal((40, dim))  # 40 copies of one image, joined below
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    rows = np.arange(n, dtype=np.int64) * 3 + 1
+    use = np.ones(n, bool)
+    use[::37] = False
+    labels = np.arange(3 * n + 1, dtype=np.int64)
+    labels[rows[:40]] = rows[0]  # the copies are one component already
+    kw = {"low": 0.5, "high": 0.95, "block_size": 256}
+    every = band_candidates(vecs, rows, use, **kw)
+    assert len(every) > 20 * n  # a crowd: many more band pairs than are looked at
+    expected = top_per_image(fresh(every, labels), 5)
+
+    def pairs(c: Candidates) -> list[tuple[int, int, float]]:
+        return sorted(zip(c.i.tolist(), c.j.tolist(), np.round(c.score, 4).tolist(), strict=True))
+
+    nearest = band_candidates(vecs, rows, use, labels=labels, per_image=5, **kw)
+    assert pairs(nearest) == pairs(expected)
+    assert (nearest.i < nearest.j).all() and (nearest.window == -1).all()
+    np.save(tmp_path / "v.npy", vecs)
+    on_disk = VectorFiles([tmp_path / "v.npy"])
+    ivf = whole_index(on_disk, use, lists=16, probe=16)
+    assert pairs(band_candidates(on_disk, rows, use, labels=labels, per_image=5, index=ivf, **kw)) == pairs(expected)
+    import dedup.second_look.propose
+
+    monkeypatch.setattr(dedup.second_look.propose, "_RESULTS", 500)  # a few rows a search: the same pairs
+    assert pairs(band_candidates(vecs, rows, use, labels=labels, per_image=5, **kw)) == pairs(expected)

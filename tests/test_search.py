@@ -107,3 +107,23 @@ def test_counts_by_signal() -> None:
     )
     assert e.counts_by_signal() == {"pdq": 1, "embedding": 2}
     assert (e.i < e.j).all()
+
+
+def test_embedding_blocks_shrink_in_a_crowd_and_find_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where many vectors look alike, a query block's range-search results are bounded by
+    shrinking the next blocks; the edges and the report's counts are those of one big block."""
+    import dedup.search
+
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((5, 32))
+    v = centres[rng.integers(0, 5, 6000)] + 1.2 * rng.standard_normal((6000, 32))
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    whole, levels = embedding_edges(v, threshold=0.8, count_at=(0.5, 0.95), block_size=16384)
+    assert levels[0.5][0] > 1_000_000 and len(whole) > 100  # a crowd at 0.5
+    sizes: list[int] = []
+    monkeypatch.setattr(dedup.search, "RESULTS_PER_BLOCK", 20_000)
+    small, small_levels = embedding_edges(v, threshold=0.8, count_at=(0.5, 0.95), block_size=16384, progress=sizes.append)
+    assert max(sizes[1:]) <= 64 and sum(sizes) == 6000  # ~400 neighbours a query at 0.5: 64-row blocks
+    assert small_levels == levels
+    for f in ("i", "j", "score", "signal"):
+        assert np.array_equal(getattr(small, f), getattr(whole, f))

@@ -64,7 +64,7 @@ from dedup.rows import FeatureRows, as_rows
 from dedup.partition import VectorFiles, auto_settings, partitioned_edges
 from dedup.search import Candidates, Edges, Signal, best_per_pair
 from dedup.second_look.geometry import LOCAL_SIDE, LocalFeatures, confirms, local_features, one_thread_each
-from dedup.second_look.propose import RegionFiles, band_candidates, fresh, ivf_lists, partial_candidates, top_per_image
+from dedup.second_look.propose import IVF_ABOVE, RegionFiles, band_candidates, fresh, ivf_lists, partial_candidates, top_per_image, whole_index
 from dedup.second_look.tasks import CANDIDATE_DTYPE, CheckStep, ReadStep, crop_to, read_edges
 from dedup.sources.readback import stream_images
 
@@ -268,10 +268,14 @@ def second_look(
     """Confirmed links beyond ``direct`` (the links every signal made at its own threshold), at
     any number of rows.
 
-    Proposes the band candidates (``search.verify_from``: an exact search up to
-    ``search.partition_above`` embeddings, the partitioned one above) and, with ``regions``
-    (:class:`~dedup.second_look.propose.RegionFiles`), the partial ones (``search.partial``);
-    drops those already joined by ``direct`` links; spills the rest under ``work_dir`` grouped
+    Proposes the band candidates (``search.verify_from``: each image's
+    ``search.verify_per_image`` best pairs in the band not joined by ``direct`` links, from its
+    nearest neighbours a block of images at a time) and, with ``regions``
+    (:class:`~dedup.second_look.propose.RegionFiles`), the partial ones (``search.partial``),
+    both from one index of the whole images: exact up to
+    :data:`~dedup.second_look.propose.IVF_ABOVE` images (or ``search.partition_above``), an
+    inverted file above (with ``verify_per_image`` 0, every band pair: the
+    partitioned search); drops those already joined by ``direct`` links; spills the rest under ``work_dir`` grouped
     by the shard of their lower row and verifies them as per-shard tasks through ``executor``
     (:mod:`dedup.second_look.tasks`; default: this process, ``cfg.workers`` processes), each
     re-reading only its own shard's images. A rerun with the same candidates resumes from the
@@ -295,30 +299,40 @@ def second_look(
     parts: list[Candidates] = []
     labels = components(rows_of.num_rows, direct)
     with _work_folder(work_dir) as work:
-        if 0 <= search.verify_from < search.threshold:
+        band_on = 0 <= search.verify_from < search.threshold
+        partial_on = search.partial and regions is not None and len(regions) == embedded_rows.size
+        # One index of the whole images serves both proposals: exact up to IVF_ABOVE images (or
+        # partition_above, if lower), an inverted file above (each query visits its nearest cells).
+        nearest = band_on and search.verify_per_image > 0
+        cells = ivf_lists(int(rows.size)) if large or rows.size > IVF_ABOVE else 0
+        index = whole_index(vectors, use, lists=cells) if nearest or partial_on else None
+        if band_on:
             partitioned = None
-            if large:
+            if large and not nearest:
                 partitioned = functools.partial(
                     partitioned_edges,
                     work_dir=work / "second_look.search",
                     settings=auto_settings(int(embedded_rows.size), partitions=search.partitions, margin=search.margin),
                 )
-            with progress("second look: propose", int(embedded_rows.size if large else rows.size), "vec") as bar:
+            with progress("second look: propose", int(rows.size if nearest or not large else embedded_rows.size), "vec") as bar:
                 band = band_candidates(
                     vectors, embedded_rows, use, low=search.verify_from, high=search.threshold,
-                    block_size=search.block_size, partitioned=partitioned, progress=bar.update,
+                    block_size=search.block_size, labels=labels, per_image=search.verify_per_image, index=index,
+                    partitioned=partitioned, progress=bar.update,
                 )  # fmt: skip
-            band = fresh(band, labels)
-            parts.append(top_per_image(band, search.verify_per_image))
-        if search.partial and regions is not None and len(regions) == embedded_rows.size:
+            if not nearest:
+                band = top_per_image(fresh(band, labels), search.verify_per_image)
+            parts.append(band)
+        if partial_on:
+            assert regions is not None
             with progress("partial copies: propose", int(embedded_rows.size), "img") as bar:
                 parts.append(
                     partial_candidates(
                         vectors, regions, embedded_rows, use, propose=search.partial_propose, top_k=search.partial_top_k,
-                        margin=search.partial_margin, per_image=search.partial_per_image,
-                        lists=ivf_lists(int(rows.size)) if large else 0, progress=bar.update,
+                        margin=search.partial_margin, per_image=search.partial_per_image, index=index, progress=bar.update,
                     )  # fmt: skip
                 )
+        del index
         cands = Candidates.concat(parts)
         del parts
         cands = fresh(cands, labels)  # pairs the direct links already join need no second look

@@ -21,6 +21,7 @@ from dedup.partition import VectorFiles
 from dedup.search import Candidates, Edges, best_per_pair
 
 __all__ = [
+    "IVF_ABOVE",
     "RegionFiles",
     "band_candidates",
     "best_proposals",
@@ -30,6 +31,7 @@ __all__ = [
     "load_trims",
     "partial_candidates",
     "top_per_image",
+    "whole_index",
 ]
 
 
@@ -109,6 +111,12 @@ class RegionFiles:
 
 
 IVF_PROBE = 32  # cells each region visits when the whole images are in an inverted file
+IVF_ABOVE = 10_000
+"""Whole images (with an image and an embedding) above which the second look's index of them is
+an inverted file (:func:`ivf_lists` cells) rather than flat, whatever ``search.partition_above``:
+the partial proposals ask it with every window of every image (13 an image), so flat they cost
+``13 N² dim``: more than 11 minutes at 20,000 images on the shared two-core machine (measured
+at a load of ~10; killed), where the cells cut it by ``ivf_lists / IVF_PROBE`` (``docs/architecture.md``)."""
 
 
 def ivf_lists(n: int) -> int:
@@ -125,65 +133,12 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def band_candidates(
-    vectors: np.ndarray | VectorFiles,
-    embedded_rows: np.ndarray,
-    use: np.ndarray,
-    *,
-    low: float,
-    high: float,
-    block_size: int,
-    partitioned: Callable[..., Any] | None = None,
-    progress: Callable[[int], object] | None = None,
-) -> Candidates:
-    """Whole-image pairs scoring in ``[low, high)`` among the embedded rows with an image
-    (``use``): an exact flat search over the rows in memory, or with ``partitioned`` (a
-    :func:`dedup.partition.partitioned_edges` with its work folder bound) the partitioned one
-    over the vectors on disk, whose pairs are then cut to the rows with an image."""
-    from dedup.search import below, embedding_edges
-
-    rows = embedded_rows[use]
-    if partitioned is not None:
-        found, _ = partitioned(vectors, threshold=low, rows=embedded_rows, progress=progress)
-        has = np.zeros(int(embedded_rows.max()) + 1 if embedded_rows.size else 0, bool)
-        has[rows] = True
-        keep = has[found.i] & has[found.j]
-        found = Edges(found.i[keep], found.j[keep], found.score[keep], found.signal[keep])
-    else:
-        vecs = np.asarray(vectors, np.float32)[use]
-        found, _ = embedding_edges(vecs, threshold=low, rows=rows, block_size=block_size, progress=progress)
-    return below(found, high)
-
-
-def partial_candidates(
-    vectors: np.ndarray | VectorFiles,
-    regions: RegionFiles,
-    embedded_rows: np.ndarray,
-    use: np.ndarray,
-    *,
-    propose: float,
-    top_k: int,
-    margin: float,
-    per_image: int,
-    block_size: int = 2048,
-    lists: int = 0,
-    probe: int = IVF_PROBE,
-    progress: Callable[[int], object] | None = None,
-) -> Candidates:
-    """Partial-copy proposals (:func:`dedup.search.region_candidates` then :func:`best_proposals`)
-    with the region descriptors read a block at a time from the per-shard files, against an
-    index of the whole images (the embedded rows with an image, ``use``).
-
-    The index is exact (flat) with ``lists`` 0; otherwise an inverted file of ``lists`` k-means
-    cells of which each region visits its ``probe`` nearest: every region against every image
-    costs ``N² * windows * dim`` (hours at 200,000 images on two cores), the cells cut that by
-    ``lists / probe``, at the price of a proposal whose image lies in a cell not visited.
-    Either index holds ``4 * dim`` bytes a row (400 MB at 200,000 rows of 512): what bounds
-    this step's memory; the regions never are in memory beyond a block."""
-    rows = embedded_rows[use]
-    n = int(rows.size)
-    if n < 2 or not len(regions):
-        return Candidates.empty()
+def whole_index(vectors: np.ndarray | VectorFiles, use: np.ndarray, *, lists: int = 0, probe: int = IVF_PROBE) -> Any:
+    """A faiss index of the whole images (the embedded rows with an image, ``use``), in the order
+    of ``use``'s true positions: exact (flat) with ``lists`` 0, else an inverted file of
+    ``lists`` k-means cells (trained on a seeded sample, so its cells are the same run after
+    run) of which a query visits its ``probe`` nearest. ``4 * dim`` bytes a row either way."""
+    n = int(np.count_nonzero(use))
     dim = int(vectors.shape[1])
     lists = min(lists, n // 39)  # faiss wants ~39 training points a cell
     index: Any
@@ -199,15 +154,180 @@ def partial_candidates(
         index.nprobe = min(probe, lists)
     else:
         index = faiss.IndexFlatIP(dim)
+    for _, block in _use_blocks(vectors, use):
+        index.add(block)
+    return index
+
+
+def _use_blocks(vectors: np.ndarray | VectorFiles, use: np.ndarray, block_rows: int = 32_768) -> Iterator[tuple[int, np.ndarray]]:
+    """``(position among use's rows, float32 block)`` of the vectors with ``use``, in order."""
+    done = 0
     if isinstance(vectors, VectorFiles):
-        for start, block in vectors.blocks():
-            sel = use[start : start + block.shape[0]]
-            if sel.any():
-                index.add(np.ascontiguousarray(block[sel]))
+        blocks: Iterator[tuple[int, np.ndarray]] = vectors.blocks(block_rows)
     else:
-        index.add(np.ascontiguousarray(np.asarray(vectors, np.float32)[use]))
+        blocks = ((s, np.asarray(vectors[s : s + block_rows], np.float32)) for s in range(0, int(vectors.shape[0]), block_rows))
+    for start, block in blocks:
+        sel = use[start : start + block.shape[0]]
+        if sel.any():
+            part = np.ascontiguousarray(block[sel], np.float32)
+            yield done, part
+            done += part.shape[0]
+
+
+def band_candidates(
+    vectors: np.ndarray | VectorFiles,
+    embedded_rows: np.ndarray,
+    use: np.ndarray,
+    *,
+    low: float,
+    high: float,
+    block_size: int,
+    labels: np.ndarray | None = None,
+    per_image: int = 0,
+    index: Any = None,
+    partitioned: Callable[..., Any] | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> Candidates:
+    """Whole-image pairs scoring in ``[low, high)`` among the embedded rows with an image
+    (``use``).
+
+    With ``labels`` (the direct links' component of every row) and ``per_image`` > 0: each
+    image's ``per_image`` best such pairs not already joined, from a nearest-neighbour search
+    over ``index`` (:func:`whole_index`; default: an exact flat one), a block of images at a
+    time: what :func:`top_per_image` of :func:`fresh` of all the pairs gives, in memory bounded
+    by the block and ``per_image``, not by the number of pairs in the band (which grows with N²
+    where many images look alike). Otherwise every pair in the band: an exact flat range search
+    over the rows in memory, or with ``partitioned`` (a :func:`dedup.partition.partitioned_edges`
+    with its work folder bound) the partitioned one over the vectors on disk, whose pairs are
+    then cut to the rows with an image."""
+    from dedup.search import below, embedding_edges
+
+    rows = embedded_rows[use]
+    if labels is not None and per_image > 0:
+        return _band_nearest(
+            vectors, rows, use, labels, low=low, high=high, per_image=per_image, block_size=block_size,
+            index=index if index is not None else whole_index(vectors, use), progress=progress,
+        )  # fmt: skip
+    if partitioned is not None:
+        found, _ = partitioned(vectors, threshold=low, rows=embedded_rows, progress=progress)
+        has = np.zeros(int(embedded_rows.max()) + 1 if embedded_rows.size else 0, bool)
+        has[rows] = True
+        keep = has[found.i] & has[found.j]
+        found = Edges(found.i[keep], found.j[keep], found.score[keep], found.signal[keep])
+    else:
+        vecs = np.asarray(vectors, np.float32)[use]
+        found, _ = embedding_edges(vecs, threshold=low, rows=rows, block_size=block_size, progress=progress)
+    return below(found, high)
+
+
+_FIRST_K = 16  # neighbours asked for beyond per_image; quadrupled for the images that need more
+_RESULTS = 1 << 20  # neighbours asked for at once (rows x k): ~30 MB with their masks
+
+
+def _band_nearest(
+    vectors: np.ndarray | VectorFiles,
+    rows: np.ndarray,
+    use: np.ndarray,
+    labels: np.ndarray,
+    *,
+    low: float,
+    high: float,
+    per_image: int,
+    block_size: int,
+    index: Any,
+    progress: Callable[[int], object] | None,
+) -> Candidates:
+    """Per image its ``per_image`` best neighbours in ``[low, high)`` of another component
+    (ties: the lower row first), each pair once (``i < j``), sorted by ``(i, j)``.
+
+    A block of images asks for ``per_image + 16`` neighbours; an image whose neighbours were all
+    at ``low`` or above without ``per_image`` fresh band pairs among them (a large group of
+    copies already joined comes first) asks again for four times as many, until it has them,
+    the band ends, or the index has no more."""
+    n = int(rows.size)
+    if n < 2:
+        return Candidates.empty()
+    lab = labels[rows]
+    found_i: list[np.ndarray] = []
+    found_j: list[np.ndarray] = []
+    found_s: list[np.ndarray] = []
+    for start, block in _use_blocks(vectors, use, block_rows=max(1, min(block_size, 4096))):
+        m = block.shape[0]
+        pending = np.arange(m)
+        k = min(n, per_image + _FIRST_K)
+        while pending.size:
+            again: list[np.ndarray] = []
+            # a few rows at a time: the (rows x k) results held at once stay bounded as k grows
+            for c in range(0, pending.size, max(1, _RESULTS // k)):
+                ask = pending[c : c + max(1, _RESULTS // k)]
+                dist, idx = index.search(block[ask], k)
+                me = (start + ask)[:, None]
+                valid = idx >= 0
+                safe = np.where(valid, idx, 0)
+                ok = valid & (safe != me) & (dist >= low) & (dist < high) & (lab[safe] != lab[me])
+                enough = ok.sum(axis=1) >= per_image
+                exhausted = (k >= n) | ~valid[:, -1] | (dist[:, -1] < low)
+                finish = enough | exhausted
+                again.append(ask[~finish])
+                if not finish.any():
+                    continue
+                sub_ok, sub_d, sub_i = ok[finish], dist[finish], safe[finish]
+                q = np.repeat(me[finish, 0], sub_ok.sum(axis=1))
+                d, j = sub_d[sub_ok], sub_i[sub_ok]
+                order = np.lexsort((j, -d, q))  # ties: the lower row first (faiss orders them arbitrarily)
+                q, d, j = q[order], d[order], j[order]
+                first = _rank_in_runs(q) < per_image
+                q, d, j = q[first], d[first], j[first]
+                found_i.append(np.minimum(q, j))
+                found_j.append(np.maximum(q, j))
+                found_s.append(d.astype(np.float32))
+            pending = np.concatenate(again)
+            k = min(n, 4 * k)
+        if progress is not None:
+            progress(m)
+    if not found_i:
+        return Candidates.empty()
+    i, j, s = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+    keep = best_per_pair(i, j, s)  # a pair each of whose ends kept it: once
+    return Candidates(rows[i[keep]], rows[j[keep]], s[keep], np.full(keep.size, -1, np.int16))
+
+
+def partial_candidates(
+    vectors: np.ndarray | VectorFiles,
+    regions: RegionFiles,
+    embedded_rows: np.ndarray,
+    use: np.ndarray,
+    *,
+    propose: float,
+    top_k: int,
+    margin: float,
+    per_image: int,
+    block_size: int = 2048,
+    lists: int = 0,
+    probe: int = IVF_PROBE,
+    index: Any = None,
+    progress: Callable[[int], object] | None = None,
+) -> Candidates:
+    """Partial-copy proposals (:func:`dedup.search.region_candidates` then :func:`best_proposals`)
+    with the region descriptors read a block at a time from the per-shard files, against an
+    index of the whole images (the embedded rows with an image, ``use``).
+
+    The index is exact (flat) with ``lists`` 0; otherwise an inverted file of ``lists`` k-means
+    cells of which each region visits its ``probe`` nearest: every region against every image
+    costs ``N² * windows * dim`` (hours at 200,000 images on two cores), the cells cut that by
+    ``lists / probe``, at the price of a proposal whose image lies in a cell not visited.
+    Either index holds ``4 * dim`` bytes a row (400 MB at 200,000 rows of 512): what bounds
+    this step's memory; the regions never are in memory beyond a block. ``index``: that index
+    already built (:func:`whole_index`), shared with the band proposals."""
+    rows = embedded_rows[use]
+    n = int(rows.size)
+    if n < 2 or not len(regions):
+        return Candidates.empty()
+    if index is None:
+        index = whole_index(vectors, use, lists=lists, probe=probe)
     pos_of = np.full(use.size, -1, np.int64)  # embedded position -> position among ``use``
     pos_of[use] = np.arange(n, dtype=np.int64)
+    use_pos = np.flatnonzero(use)  # and back
     k = min(top_k + 1, n)  # one more: an image's own whole is usually its regions' nearest
     found: list[Candidates] = []
     for first, regs in regions.blocks(block_size):
@@ -225,24 +345,35 @@ def partial_candidates(
                 dist, idx = dist.reshape(-1), idx.reshape(-1).astype(np.int64)
                 hit = (idx >= 0) & (idx != owner) & (dist >= propose)
                 c = Candidates(owner[hit], idx[hit], dist[hit].astype(np.float32), window[hit])
-                if len(c):  # the best window per (container, image): all of a container's are here
-                    found.append(c.take(best_per_pair(c.i, c.j, c.score)))
+                if len(c):
+                    # All of a container's windows are in this block: its best window per image,
+                    # the margin over the two whole images and its per_image best are decided
+                    # here, so what is held grows with per_image x N, not with the hits.
+                    c = c.take(best_per_pair(c.i, c.j, c.score))
+                    whole = _whole_scores(vectors, use_pos[c.i], use_pos[c.j])
+                    found.append(_best_scored(c, whole, margin=margin, per_image=per_image))
             if progress is not None:
                 progress(part.shape[0])
     cands = Candidates.concat(found)
-    del index
-    if not len(cands):
-        return cands
-    cands = Candidates(rows[cands.i], rows[cands.j], cands.score, cands.window)
-    # the two whole images' own similarity, gathered for the proposed pairs only
-    emb_pos = np.searchsorted(embedded_rows, np.concatenate([cands.i, cands.j]))
-    if isinstance(vectors, VectorFiles):
-        uniq, inverse = np.unique(emb_pos, return_inverse=True)
-        both = vectors.take(uniq)[inverse]
-    else:
-        both = np.asarray(vectors, np.float32)[emb_pos]
-    whole = np.einsum("nd,nd->n", both[: len(cands)], both[len(cands) :])
-    return _best_scored(cands, whole, margin=margin, per_image=per_image)
+    return Candidates(rows[cands.i], rows[cands.j], cands.score, cands.window)
+
+
+_GATHER = 8192  # pairs whose two vectors are gathered at once (~32 MB at 512 dimensions)
+
+
+def _whole_scores(vectors: np.ndarray | VectorFiles, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The whole images' own similarity for the pairs of embedded positions ``(a, b)``."""
+    out = np.empty(a.size, np.float32)
+    for s in range(0, a.size, _GATHER):
+        pos = np.concatenate([a[s : s + _GATHER], b[s : s + _GATHER]])
+        if isinstance(vectors, VectorFiles):
+            uniq, inverse = np.unique(pos, return_inverse=True)
+            both = vectors.take(uniq)[inverse]
+        else:
+            both = np.asarray(vectors[pos], np.float32)
+        m = pos.size // 2
+        out[s : s + m] = np.einsum("nd,nd->n", both[:m], both[m:])
+    return out
 
 
 def fresh(cands: Candidates, labels: np.ndarray) -> Candidates:
