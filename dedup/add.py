@@ -139,6 +139,7 @@ def add(
     executor: Executor | None = None,
     progress: ProgressFactory | None = None,
     disk_check: bool = True,
+    decisions: Sequence[str | Path] = (),
 ) -> AddResult:
     """Add the new shards of ``sources`` to the index of ``out`` and rewrite its outputs.
 
@@ -148,7 +149,9 @@ def add(
     global stages rerun, all behind the exclusive lock; the expensive decoding runs before it,
     so concurrent checks are held up only while the outputs are rewritten. ``expect_generation``
     makes the add fail if the index changed since it was read (``check --update``).
-    ``disk_check``: estimate the disk the add needs (the new shards' checkpoints, the search's
+    ``decisions``: decisions files of ``dedup review`` (e.g. of another run over the same data)
+    to honour besides ``OUT/decisions.parquet``, as ``run(decisions=...)``. ``disk_check``:
+    estimate the disk the add needs (the new shards' checkpoints, the search's
     scratch over the whole index, the rewritten outputs) and stop before starting when the free
     space is short, as a run does.
 
@@ -209,6 +212,7 @@ def add(
             search_dir=(Path(work) if work is not None else out_dir / pipeline.WORK_DIR) / "search",
             stored_vectors=files,
             executor=executor,
+            decisions=[Path(d) for d in decisions],
         )
     return AddResult(out_dir, len(plan.new), new_table.num_rows, len(plan.known), result)
 

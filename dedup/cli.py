@@ -362,6 +362,7 @@ def index_add(
     workers: Annotated[int | None, typer.Option(help="Shards processed at once (worker processes; config key pool = \"threads\" for threads of one process).", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per model call (default: 8 on the CPU, 64 on a GPU).", min=1)] = None,
     disk_check: Annotated[bool, typer.Option("--disk-check/--no-disk-check", help="Estimate the disk the add needs (new checkpoints, search scratch, rewritten outputs) and stop before starting when free space is short.")] = True,
+    decisions: Annotated[list[Path] | None, typer.Option("--decisions", help="A decisions.parquet of `dedup review` (e.g. of another run over the same data) to honour besides OUT/decisions.parquet: different = never in one cluster, same = one cluster. Repeatable.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Add new shards to a run's index and update its manifest, keep list and report.
@@ -374,7 +375,7 @@ def index_add(
     from dedup.add import add
 
     try:
-        added = add(sources, index, workers=workers, batch_size=batch_size, progress=_progress_factory(quiet), disk_check=disk_check)
+        added = add(sources, index, workers=workers, batch_size=batch_size, progress=_progress_factory(quiet), disk_check=disk_check, decisions=decisions or ())
     except DedupError as err:
         raise _fail(err) from None
     if added.result is None:

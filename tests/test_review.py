@@ -323,6 +323,19 @@ def test_rerun_splits_and_merges_as_decided_and_decisions_travel(demo_run: Path,
     missing = runner.invoke(app, ["run", str(SAMPLE), "--out", str(other), "--decisions", str(tmp_path / "nope.parquet")])
     assert missing.exit_code == 2 and "decisions file" in missing.output and "not found" in missing.output
 
+    # and to an index that grows (index add --decisions): the split holds after the add
+    grown = _copy(demo_run, tmp_path / "grown")
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    natural_image(901, (96, 72)).save(drop / "new.jpg", quality=90)
+    plain = _copy(demo_run, tmp_path / "plain")
+    for folder, extra in ((grown, ["--decisions", str(out / DECISIONS_FILE)]), (plain, [])):
+        result = runner.invoke(app, ["index", "add", str(drop), "--index", str(folder), *extra, "--quiet"])
+        assert result.exit_code == 0, result.output
+    grown_rows, plain_rows = ({sid.removeprefix("s0/"): r for sid, r in _manifest(f).items()} for f in (grown, plain))
+    assert grown_rows[big[0]]["cluster_id"] != grown_rows[big[1]]["cluster_id"]
+    assert plain_rows[big[0]]["cluster_id"] == plain_rows[big[1]]["cluster_id"]  # without the file: together
+
 
 @pytest.mark.slow
 def test_sample_precision_and_the_cli(demo_run: Path, tmp_path: Path) -> None:
