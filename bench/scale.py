@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import echo_phases  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "bench" / "data" / "scale"
@@ -324,11 +326,7 @@ def run_cli(data: Path, out: Path, threshold: float, extra: list[str]) -> tuple[
     assert proc.stderr is not None
     phases.clear()
     with DiskWatch(out, out / ".work" / "search") as watch:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            found = _PHASE.match(line)
-            if found:
-                phases.append({"phase": found["name"], "seconds": float(found["s"]), "peak_rss_gib": float(found["gib"])})
+        phases.extend(echo_phases(proc.stderr))
         # wait4: this child's own rusage (RUSAGE_CHILDREN would keep the largest child of the run)
         _, status, rusage = os.wait4(proc.pid, 0)
     disk.update(peak=watch.peak, scratch=watch.sub_peak)
@@ -337,7 +335,6 @@ def run_cli(data: Path, out: Path, threshold: float, extra: list[str]) -> tuple[
     return wall, rusage.ru_maxrss / (1 << 20), proc.returncode  # ru_maxrss is in KiB on Linux
 
 
-_PHASE = re.compile(r"^\[phase\] (?P<name>[^:]+): (?P<s>[0-9.]+) s, peak RSS (?P<gib>[0-9.]+) GiB")
 phases: list[dict[str, float | str]] = []
 disk: dict[str, int] = {}
 

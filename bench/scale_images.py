@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -46,11 +45,10 @@ import polars as pl
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import dedup_command  # noqa: E402
+from _common import dedup_command, echo_phases  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_VERSION = 1  # bump when the distractors change, so cached folders are rebuilt
-_PHASE = re.compile(r"^\[phase\] (?P<name>[^:]+(?:: [^:]+)?): (?P<s>[0-9.]+) s, peak RSS (?P<gib>[0-9.]+) GiB")
 
 
 def distractor(seed: int) -> bytes:
@@ -151,12 +149,7 @@ def run_cli(src: Path, out: Path, extra: list[str], *, reuse: Path | None = None
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "DEDUP_PHASES": "1"}, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    phases: list[dict[str, Any]] = []
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        found = _PHASE.match(line)
-        if found:
-            phases.append({"phase": found["name"], "seconds": float(found["s"]), "peak_rss_gib": float(found["gib"])})
+    phases = echo_phases(proc.stderr)
     # wait4: the run's own rusage, whose ru_maxrss is the largest of the run and its worker
     # processes (the per-shard steps and the second look's tasks run there; PhaseLog sees only
     # the driver). Started from this small process, the inherited start (see bench/scale.py) is small.
