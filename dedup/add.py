@@ -164,11 +164,11 @@ def add(
     snapshot = open_index(out_dir)
     cfg = snapshot.config  # the index's settings: what the outputs and the index record
     speed = cfg.with_overrides({"workers": workers, "embed.batch_size": batch_size})  # same results
-    work_dir = Path(work) if work is not None else out_dir / pipeline.WORK_DIR / cfg.stage_key()
+    work_root = Path(work) if work is not None else out_dir / pipeline.WORK_DIR  # scratch: checkpoints, search
+    work_dir = Path(work) if work is not None else work_root / cfg.stage_key()
     plan = plan_add(snapshot, sources, folder_batch=cfg.folder_batch)
     if plan.new and disk_check:
         need = pipeline.estimate_disk(plan.new, cfg, work_dir, out_dir, indexed=indexed_size(snapshot))
-        work_root = Path(work) if work is not None else out_dir / pipeline.WORK_DIR
         pipeline.check_free_space(need, out_dir, work_root, what="this add")
     if plan.new:  # the expensive part, outside the lock: checkpoints only, no index file touched
         pipeline.featurize(plan.new, work_dir, speed, executor=executor, progress=prog)
@@ -209,7 +209,7 @@ def add(
             shards=[e.shard for e in catalog.shards],
             catalog=catalog,
             features_dir=work_dir / pipeline.FEATURES,
-            search_dir=(Path(work) if work is not None else out_dir / pipeline.WORK_DIR) / "search",
+            search_dir=work_root / "search",
             stored_vectors=files,
             executor=executor,
             decisions=[Path(d) for d in decisions],

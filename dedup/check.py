@@ -55,7 +55,7 @@ from dedup.pipeline import FEATURES
 from dedup.rows import as_rows
 from dedup.search import Candidates, CrossLinks, Edges, Signal
 from dedup.second_look.look import verify_candidates
-from dedup.second_look.propose import RegionFiles, band_candidates, fresh, load_trims, partial_candidates, top_per_image
+from dedup.second_look.propose import RegionFiles, band_candidates, fresh, load_trims, partial_candidates
 from dedup.select import keepers
 
 if TYPE_CHECKING:
@@ -385,7 +385,8 @@ def second_look_against(
             found = band_candidates(all_vectors, embedded_rows, use, low=search.verify_from, high=search.threshold,
                                     block_size=search.block_size, labels=labels, per_image=search.verify_per_image,
                                     progress=bar.update)  # fmt: skip
-        parts.append(top_per_image(fresh(found, labels), search.verify_per_image))
+        # with verify_per_image, band_candidates gives each image's best fresh pairs already
+        parts.append(found if search.verify_per_image > 0 else fresh(found, labels))
     step = FeatureStep(config=cfg, out_dir=work / FEATURES)
     regions = RegionFiles.of([step.regions_path(s) for s in new]) if search.partial else None
     n_base_embedded = int(np.count_nonzero(embedded_rows < n_base))
