@@ -17,7 +17,9 @@ img2dataset ``parquet``           ``NNNNN.parquet`` (kept rows, images in their 
 img2dataset ``files``             ``NNNNN/`` (every file of each kept key), ``NNNNN.parquet``
                                   and ``NNNNN_stats.json``
 image folder                      the kept images at their relative paths (copied, or hard
-                                  links with ``link=True``)
+                                  links with ``link=True``) with their caption files, and
+                                  Hugging Face ``metadata.jsonl`` / ``metadata.csv`` without
+                                  the removed images' rows
 ================================  ==========================================================
 
 Failed samples (download failures, undecodable images) are left out unless ``keep_failed``:
@@ -34,9 +36,11 @@ through.
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -193,9 +197,12 @@ def _apply(
     done = dest / STATE_DIR / _DONE
     done.mkdir(parents=True, exist_ok=True)
     totals = {"samples": 0, "kept": 0, "duplicates": 0, "failed": 0, "written": 0, "skipped": 0}
+    folders: dict[tuple[str, str], _FolderTree] = {}  # (root, prefix): its images, kept or not
     with progress("apply", len(entries), "shard") as bar:
         for entry, decision in _decisions(manifest, entries, keep_failed=keep_failed):
             shard = entry.shard
+            if shard.kind is ShardKind.FOLDER:
+                folders.setdefault((shard.path, _folder_prefix(shard)), _FolderTree()).add(shard, decision)
             totals["samples"] += decision.rows
             totals["kept"] += len(decision.keep)
             totals["duplicates"] += decision.duplicates
@@ -211,6 +218,8 @@ def _apply(
                 totals["written"] += 1
             bar.update(1)
             bar.set_postfix_str(f"{totals['kept']} kept")
+    for (root, prefix), tree in sorted(folders.items()):
+        _write_folder_metadata(root, prefix, tree, dest)
     return ApplyResult(
         dest=dest,
         shards=len(entries),
@@ -614,13 +623,18 @@ def _write_files(shard: Shard, decision: _Decision, dest: Path, *, link: bool) -
 FOLDER_SIDECARS = (".txt", ".caption", ".tags", ".json")
 
 
+def _folder_prefix(shard: Shard) -> str:
+    """Where a folder batch's tree goes under DEST: ``""``, or ``s<i>/`` in a run of several sources."""
+    return shard.shard_id[: shard.shard_id.rfind("/") + 1]
+
+
 def _write_folder(shard: Shard, decision: _Decision, dest: Path, *, link: bool) -> None:
     """A batch of a plain image folder: each kept file at its relative path, one at a time,
     with its sidecars (:data:`FOLDER_SIDECARS`: same name, another extension)."""
     fs, root = filesystem(shard.path)
     root = root.rstrip("/")
     confine = source_root(shard.source)
-    prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
+    prefix = _folder_prefix(shard)
     written: set[str] = set()
     listings: dict[str, set[str]] = {}  # a folder's file names, listed once per batch
     for rel in shard.members:
@@ -638,6 +652,100 @@ def _write_folder(shard: Shard, decision: _Decision, dest: Path, *, link: bool) 
             _copy_one(fs, side_source, _target(dest, prefix + side), link=link)
         written.add(sample_id)
     _missing(shard, decision, written)
+
+
+# Hugging Face ``imagefolder`` metadata: a file of this name describes the images in its folder
+# and below, one row each, naming its image by ``file_name`` (or ``<column>_file_name``)
+# relative to the metadata file's folder.
+FOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+
+
+@dataclass(slots=True)
+class _FolderTree:
+    """One image folder of the run: its images (relative paths) and those apply writes."""
+
+    images: set[str] = field(default_factory=set)
+    kept: set[str] = field(default_factory=set)
+
+    def add(self, shard: Shard, decision: _Decision) -> None:
+        prefix = _folder_prefix(shard)
+        for rel in shard.members:
+            self.images.add(rel)
+            if prefix + clean_text(rel) in decision.keep:
+                self.kept.add(rel)
+
+
+def _write_folder_metadata(root_url: str, prefix: str, tree: _FolderTree, dest: Path) -> None:
+    """Each ``metadata.jsonl`` / ``metadata.csv`` of an image folder (in a folder holding its
+    images or above them), written under DEST with the rows of the removed images left out.
+
+    A row stays when none of its ``file_name`` columns names an image of the run that apply
+    left out (rows naming other files, audio say, stay as they are). JSON lines are copied
+    byte for byte; CSV rows are written back by the ``csv`` module under the same header.
+    Written anew by every apply (a rerun too), atomically.
+    """
+    fs, root = filesystem(root_url)
+    root = root.rstrip("/")
+    folders = {""}
+    for rel in tree.images:
+        parts = rel.split("/")[:-1]
+        folders.update("/".join(parts[:k]) for k in range(1, len(parts) + 1))
+    for folder in sorted(folders):
+        for name in FOLDER_METADATA:
+            rel = f"{folder}/{name}" if folder else name
+            source = f"{root}/{rel}"
+            try:
+                if not fs.isfile(source):
+                    continue
+                with fs.open(source, "rb") as fh:
+                    data = fh.read()
+            except ENVIRONMENT_ERRORS as err:
+                raise ApplyError(f"cannot read {source!r}: {err}; hint: check the input") from err
+
+            def left_out(file_name: object, folder: str = folder) -> bool:
+                if not isinstance(file_name, str) or not file_name:
+                    return False
+                image = posixpath.normpath(f"{folder}/{file_name}" if folder else file_name)
+                return image in tree.images and image not in tree.kept
+
+            body = _filter_jsonl(source, data, left_out) if name.endswith(".jsonl") else _filter_csv(source, data, left_out)
+            atomic_write_bytes(_target(dest, prefix + rel), body)
+
+
+def _file_name_columns(names: Sequence[str]) -> list[str]:
+    return [n for n in names if n == "file_name" or n.endswith("_file_name")]
+
+
+def _filter_jsonl(source: str, data: bytes, left_out: Any) -> bytes:
+    kept: list[bytes] = []
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ApplyError(f"{source!r} line {number} is not JSON ({err}); hint: fix the line, then rerun apply (it resumes)") from None
+        names = _file_name_columns(list(row)) if isinstance(row, dict) else []
+        if not any(left_out(row[n]) for n in names):
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
+    return b"".join(kept)
+
+
+def _filter_csv(source: str, data: bytes, left_out: Any) -> bytes:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ApplyError(f"{source!r} is not UTF-8 text ({err}); hint: save it as UTF-8, then rerun apply") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    if not rows:
+        return b""
+    header, body = rows[0], rows[1:]
+    columns = [k for k, n in enumerate(header) if n in _file_name_columns(header)]
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(r for r in body if not any(k < len(r) and left_out(r[k]) for k in columns))
+    return buf.getvalue().encode("utf-8")
 
 
 def _copy_one(fs: Any, source: str, target: Path, *, link: bool) -> None:

@@ -336,6 +336,39 @@ def test_apply_folder_copy_and_link(sample_images_dir: PlantedDataset, tmp_path:
     assert _digest(root) == before  # links share the inode: its mode and mtime are untouched too
 
 
+def test_apply_folder_filters_hugging_face_metadata(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
+    """An ``imagefolder``'s metadata.jsonl (at the top, naming images in subfolders) and
+    metadata.csv (in a subfolder, naming its own images) lose the removed images' rows and
+    keep every other row as it was; ``datasets`` would otherwise fail on the missing files."""
+    src, _ = sample_images_dir
+    root = tmp_path / "tree"
+    shutil.copytree(src, root)
+    images = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
+    lines = [json.dumps({"file_name": rel, "text": f"a caption of {rel}"}) + "\n" for rel in images]
+    lines.append(json.dumps({"file_name": "sounds/clip.wav", "text": "not an image of the run"}) + "\n")
+    lines.append(json.dumps({"text": "a row naming no file"}) + "\n")
+    (root / "metadata.jsonl").write_text("".join(lines))
+    copies = sorted(p.name for p in (root / "copies").glob("*.jpg"))
+    (root / "copies" / "metadata.csv").write_text("file_name,text\n" + "".join(f'{n},"caption, of {n}"\n' for n in copies))
+    out = tmp_path / "out"
+    run([str(root)], out, config=FAST)
+    kept = {r["key"] for r in _manifest(out) if r["keep"]}
+    removed = set(images) - kept
+    assert any(r.startswith("copies/") for r in removed) and any(r.startswith("copies/") for r in kept)
+
+    apply(out, tmp_path / "dest")
+    dest = tmp_path / "dest"
+    want = [line for rel, line in zip(images, lines, strict=False) if rel in kept] + lines[len(images) :]
+    assert (dest / "metadata.jsonl").read_text() == "".join(want)  # byte for byte, in order
+    rows = (dest / "copies" / "metadata.csv").read_text().splitlines()
+    assert rows == ["file_name,text"] + [f'{n},"caption, of {n}"' for n in copies if f"copies/{n}" in kept]
+    assert not list(dest.glob("originals/metadata.*"))  # none in, none out
+
+    # a rerun (everything skipped) writes the same files again
+    apply(out, dest)
+    assert (dest / "metadata.jsonl").read_text() == "".join(want)
+
+
 def test_apply_two_sources_keeps_each_tree_under_its_prefix(tmp_path: Path) -> None:
     """A run over a folder and a webdataset: DEST/s0/... and DEST/s1/..., and the byte copy
     of a folder image in the tar (the later source) is left out."""
