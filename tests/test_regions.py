@@ -465,6 +465,7 @@ def test_second_look_above_partition_above_and_resumed_after_a_kill(tmp_path: Pa
     partitioned search and the region files a shard at a time, and confirms the same links as
     below it. Killed in the middle of its check tasks, a rerun keeps the finished tasks (no
     image is read again) and writes the bytes an uninterrupted run writes."""
+    import dedup.second_look.look
     import dedup.second_look.tasks
     from dedup.config import load_config
 
@@ -503,13 +504,25 @@ def test_second_look_above_partition_above_and_resumed_after_a_kill(tmp_path: Pa
         checks.append(shard.shard_id)
         return real_check(self, shard, progress)
 
+    real_propose = dedup.second_look.look._propose
+    proposed: list[int] = []
+
+    def counting_propose(*args, **kwargs):  # type: ignore[no-untyped-def]
+        proposed.append(1)
+        return real_propose(*args, **kwargs)
+
     monkeypatch.setattr(dedup.second_look.tasks.ReadStep, "__call__", counting_read)
     monkeypatch.setattr(dedup.second_look.tasks.CheckStep, "__call__", counting_check)
+    monkeypatch.setattr(dedup.second_look.look, "_propose", counting_propose)
     run([str(src)], tmp_path / "killed", config=small)
+    assert proposed == []  # the proposals were kept before the kill: not made again
     assert reads == []  # every read task had finished before the kill
     assert len(checks) == len(candidates)  # the first check task, then all but it once more
     assert len(set(checks)) == len(checks)
     assert (tmp_path / "killed" / "manifest.parquet").read_bytes() == (tmp_path / "above" / "manifest.parquet").read_bytes()
+    # other search settings: proposed again (the kept ones belong to the old settings)
+    run([str(src)], tmp_path / "killed", config=small.with_overrides({"search.partial_margin": 0.2}))
+    assert proposed == [1]
 
 
 def test_partial_proposals_from_region_files_and_an_inverted_file(tmp_path: Path) -> None:

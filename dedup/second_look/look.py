@@ -278,8 +278,9 @@ def second_look(
     partitioned search); drops those already joined by ``direct`` links; spills the rest under ``work_dir`` grouped
     by the shard of their lower row and verifies them as per-shard tasks through ``executor``
     (:mod:`dedup.second_look.tasks`; default: this process, ``cfg.workers`` processes), each
-    re-reading only its own shard's images. A rerun with the same candidates resumes from the
-    tasks' completion markers. Only rows with an image and an embedding take part. ``trims`` (a
+    re-reading only its own shard's images. The candidates are kept under ``work_dir``
+    (:data:`PROPOSALS`, keyed by the features, the direct links and the settings) and a rerun
+    with the same key takes them from there, then resumes from the tasks' completion markers. Only rows with an image and an embedding take part. ``trims`` (a
     box per embedded row, :func:`load_trims`) says where each model input was cut from its
     image. ``on_phase(name)`` is told as each part ends (``pipeline.PhaseLog``).
 
@@ -294,48 +295,16 @@ def second_look(
     stats: dict[str, int] = {"candidates": 0, "confirmed": 0}
     if embedded_rows.size < 2 or not use.any():
         return Edges.empty(), stats
-    rows = embedded_rows[use]
-    large = embedded_rows.size > search.partition_above
-    parts: list[Candidates] = []
     labels = components(rows_of.num_rows, direct)
     with _work_folder(work_dir) as work:
-        band_on = 0 <= search.verify_from < search.threshold
-        partial_on = search.partial and regions is not None and len(regions) == embedded_rows.size
-        # One index of the whole images serves both proposals: exact up to IVF_ABOVE images (or
-        # partition_above, if lower), an inverted file above (each query visits its nearest cells).
-        nearest = band_on and search.verify_per_image > 0
-        cells = ivf_lists(int(rows.size)) if large or rows.size > IVF_ABOVE else 0
-        index = whole_index(vectors, use, lists=cells) if nearest or partial_on else None
-        if band_on:
-            partitioned = None
-            if large and not nearest:
-                partitioned = functools.partial(
-                    partitioned_edges,
-                    work_dir=work / "second_look.search",
-                    settings=auto_settings(int(embedded_rows.size), partitions=search.partitions, margin=search.margin),
-                )
-            with progress("second look: propose", int(rows.size if nearest or not large else embedded_rows.size), "vec") as bar:
-                band = band_candidates(
-                    vectors, embedded_rows, use, low=search.verify_from, high=search.threshold,
-                    block_size=search.block_size, labels=labels, per_image=search.verify_per_image, index=index,
-                    partitioned=partitioned, progress=bar.update,
-                )  # fmt: skip
-            if not nearest:
-                band = top_per_image(fresh(band, labels), search.verify_per_image)
-            parts.append(band)
-        if partial_on:
-            assert regions is not None
-            with progress("partial copies: propose", int(embedded_rows.size), "img") as bar:
-                parts.append(
-                    partial_candidates(
-                        vectors, regions, embedded_rows, use, propose=search.partial_propose, top_k=search.partial_top_k,
-                        margin=search.partial_margin, per_image=search.partial_per_image, index=index, progress=bar.update,
-                    )  # fmt: skip
-                )
-        del index
-        cands = Candidates.concat(parts)
-        del parts
-        cands = fresh(cands, labels)  # pairs the direct links already join need no second look
+        # Proposing costs minutes at scale (half an hour at 200,000 images on two cores): kept
+        # beside the tasks, so a rerun after a crash in the read or check tasks starts there.
+        saved, key = work / PROPOSALS, _proposal_key(cfg, shards, direct, use, rows_of.num_rows) if work_dir is not None else ""
+        cands = _load_proposals(saved, key) if key else None
+        if cands is None:
+            cands = _propose(vectors, embedded_rows, use, labels, cfg, regions=regions, work=work, progress=progress)
+            if key:
+                _save_proposals(saved, key, cands)
         if on_phase is not None:
             on_phase("second look: propose")
         if not len(cands):
@@ -349,6 +318,91 @@ def second_look(
                 return verify(rows_of, cands, cfg, shards=shards, progress=bar.update, joined=labels, trims=boxes)
         return verify_candidates(rows_of, cands, labels, cfg, shards=shards, boxes=boxes, root=work / "second_look",
                                 executor=executor, progress=progress, on_phase=on_phase)  # fmt: skip
+
+
+def _propose(
+    vectors: np.ndarray | VectorFiles,
+    embedded_rows: np.ndarray,
+    use: np.ndarray,
+    labels: np.ndarray,
+    cfg: RunConfig,
+    *,
+    regions: RegionFiles | None,
+    work: Path,
+    progress: ProgressFactory,
+) -> Candidates:
+    """The band and partial-copy candidates not yet joined by the direct links (``labels``)."""
+    search = cfg.search
+    rows = embedded_rows[use]
+    large = embedded_rows.size > search.partition_above
+    parts: list[Candidates] = []
+    band_on = 0 <= search.verify_from < search.threshold
+    partial_on = search.partial and regions is not None and len(regions) == embedded_rows.size
+    # One index of the whole images serves both proposals: exact up to IVF_ABOVE images (or
+    # partition_above, if lower), an inverted file above (each query visits its nearest cells).
+    nearest = band_on and search.verify_per_image > 0
+    cells = ivf_lists(int(rows.size)) if large or rows.size > IVF_ABOVE else 0
+    index = whole_index(vectors, use, lists=cells) if nearest or partial_on else None
+    if band_on:
+        partitioned = None
+        if large and not nearest:
+            partitioned = functools.partial(
+                partitioned_edges,
+                work_dir=work / "second_look.search",
+                settings=auto_settings(int(embedded_rows.size), partitions=search.partitions, margin=search.margin),
+            )
+        with progress("second look: propose", int(rows.size if nearest or not large else embedded_rows.size), "vec") as bar:
+            band = band_candidates(
+                vectors, embedded_rows, use, low=search.verify_from, high=search.threshold,
+                block_size=search.block_size, labels=labels, per_image=search.verify_per_image, index=index,
+                partitioned=partitioned, progress=bar.update,
+            )  # fmt: skip
+        if not nearest:
+            band = top_per_image(fresh(band, labels), search.verify_per_image)
+        parts.append(band)
+    if partial_on:
+        assert regions is not None
+        with progress("partial copies: propose", int(embedded_rows.size), "img") as bar:
+            parts.append(
+                partial_candidates(
+                    vectors, regions, embedded_rows, use, propose=search.partial_propose, top_k=search.partial_top_k,
+                    margin=search.partial_margin, per_image=search.partial_per_image, index=index, progress=bar.update,
+                )  # fmt: skip
+            )
+    del index
+    cands = Candidates.concat(parts)
+    del parts
+    cands = fresh(cands, labels)  # pairs the direct links already join need no second look
+    return cands
+
+
+PROPOSALS = "second_look.proposals.npz"
+
+
+def _proposal_key(cfg: RunConfig, shards: Sequence[Shard], direct: Edges, use: np.ndarray, n_rows: int) -> str:
+    """What the proposals depend on: the features (the shards as read and the settings that
+    compute them), the direct links, which rows take part, and the search settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps([cfg.stage_key(), repr(cfg.search), n_rows, [(s.shard_id, s.stamp) for s in shards]]).encode())
+    for part in (direct.i, direct.j, use):
+        h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
+def _load_proposals(path: Path, key: str) -> Candidates | None:
+    try:
+        with np.load(path) as saved:
+            if str(saved["key"]) != key:
+                return None
+            return Candidates(saved["i"], saved["j"], saved["score"], saved["window"])
+    except (OSError, ValueError, KeyError):  # none yet, or a damaged file: proposed again
+        return None
+
+
+def _save_proposals(path: Path, key: str, cands: Candidates) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, key=np.array(key), i=cands.i, j=cands.j, score=cands.score, window=cands.window)
 
 
 @contextmanager
