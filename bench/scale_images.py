@@ -23,6 +23,7 @@ local run's.
     python bench/scale_images.py --n 20000 --executor ray       # then Ray: same manifest?
     python bench/scale_images.py --n 200000 --json bench/out/scale_images.json
     python bench/scale_images.py --n 20000 --reuse bench/out/scale_images/local-20000 --tag=-new  # global stages only
+    python bench/scale_images.py --n 200000 --executor ray --reuse bench/out/scale_images/local-200000 --reuse-proposals
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import dedup_command, echo_phases  # noqa: E402
+
+from dedup.second_look.look import PROPOSALS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_VERSION = 1  # bump when the distractors change, so cached folders are rebuilt
@@ -133,10 +136,12 @@ def build(n: int, quality: Path, data: Path, *, workers: int) -> tuple[Path, pl.
     return mixed, labels
 
 
-def run_cli(src: Path, out: Path, extra: list[str], *, reuse: Path | None = None) -> dict[str, Any]:
+def run_cli(src: Path, out: Path, extra: list[str], *, reuse: Path | None = None, reuse_proposals: bool = False) -> dict[str, Any]:
     """``dedup run`` (default preset) as a child process: wall time and its phases. ``reuse``:
     an earlier run over the same images whose per-shard features are hard-linked in first, so
-    only the global stages run (their phases are what is compared; read + featurize is ~0)."""
+    only the global stages run (their phases are what is compared; read + featurize is ~0);
+    with ``reuse_proposals`` its second-look proposals too (used only where the run's own key
+    matches: same features, direct links and settings)."""
     shutil.rmtree(out, ignore_errors=True)
     if reuse is not None:
         for stage in sorted((reuse / ".work").glob("*/shards")):
@@ -144,6 +149,11 @@ def run_cli(src: Path, out: Path, extra: list[str], *, reuse: Path | None = None
                 if (stage.parent / name).is_dir():
                     dest = out / ".work" / stage.parent.name / name
                     shutil.copytree(stage.parent / name, dest, copy_function=os.link)
+            # The second look's proposals (driver work that no executor changes), when that run
+            # kept them: the run then proposes nothing and its read and check tasks start at once.
+            proposals = stage.parent / PROPOSALS
+            if proposals.is_file() and reuse_proposals:
+                os.link(proposals, out / ".work" / stage.parent.name / PROPOSALS)
     cmd = [*dedup_command(), "run", str(src), "--out", str(out), "--quiet", *extra]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -226,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", type=Path, default=None,
                     help="an earlier run's OUT over the same images: its per-shard features are hard-linked in and only the "
                     "global stages run (to compare second-look settings or code without featurizing again)")
+    ap.add_argument("--reuse-proposals", action="store_true",
+                    help="with --reuse: also the second look's proposals that run kept (a Ray run of the same data then "
+                    "runs the search and the per-shard tasks, not the driver's proposing again)")
     ap.add_argument("--tag", default="", help="appended to the run's folder name (OUT/<executor>-<n><tag>)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(preset.replace("[search]\n", f"[search]\npartition_above = {args.partition_above}\n", 1))
         extra += ["--config", str(config)]
         results["partition_above"] = args.partition_above
-    results["run"] = summarise(f"mixed ({args.executor})", n_mixed, run_cli(mixed, out, extra, reuse=args.reuse), out)
+    results["run"] = summarise(f"mixed ({args.executor})", n_mixed, run_cli(mixed, out, extra, reuse=args.reuse, reuse_proposals=args.reuse_proposals), out)
     results["run"]["quality"] = evaluate(out, labels)
     (out / "bench.json").write_text(json.dumps(results["run"], default=str))
     print("\n| planted copies | P | R | partial R | planted-distractor pairs |\n| --- | ---: | ---: | ---: | ---: |")
