@@ -651,30 +651,3 @@ def test_band_from_nearest_neighbours_is_each_images_best_fresh_pairs(tmp_path: 
 
     monkeypatch.setattr(dedup.second_look.propose, "_RESULTS", 500)  # a few rows a search: the same pairs
     assert pairs(band_candidates(vecs, rows, use, labels=labels, per_image=5, **kw)) == pairs(expected)
-
-
-def test_past_graph_above_the_cells_are_found_through_a_graph_the_same_run_after_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cells of a fixed size (ivf_lists): past GRAPH_ABOVE cells a query finds its nearest cells
-    through an HNSW graph of them, trained in two levels; visiting every cell it finds what the
-    flat index finds, visiting a few it finds nearly all, and two builds answer alike."""
-    import dedup.second_look.propose as propose
-
-    assert propose.ivf_lists(200_000) == 200_000 // propose.CELL_ROWS
-    monkeypatch.setattr(propose, "GRAPH_ABOVE", 8)
-    rng = np.random.default_rng(5)
-    n, dim = 4000, 24
-    vecs = rng.standard_normal((n, dim)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    use = np.ones(n, bool)
-    cells = propose.ivf_lists(n)
-    graph = propose.whole_index(vecs, use, lists=cells, probe=cells)
-    assert graph.nlist > 8 and isinstance(propose.faiss.downcast_index(graph.quantizer), propose.faiss.IndexHNSWFlat)
-    flat = propose.whole_index(vecs, use)
-    _, want = flat.search(vecs[:300], 5)
-    _, got = graph.search(vecs[:300], 5)
-    assert (got == want).all()  # every cell visited: exact
-    few = propose.whole_index(vecs, use, lists=cells, probe=8)
-    _, near = few.search(vecs[:300], 5)
-    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(near.tolist(), want.tolist(), strict=True)]) > 0.6
-    again = propose.whole_index(vecs, use, lists=cells, probe=8)
-    assert (again.search(vecs[:300], 5)[1] == near).all()

@@ -110,31 +110,18 @@ class RegionFiles:
                 yield base + start, block
 
 
-IVF_PROBE = 32  # cells each query visits when the whole images are in an inverted file
+IVF_PROBE = 32  # cells each region visits when the whole images are in an inverted file
 IVF_ABOVE = 10_000
 """Whole images (with an image and an embedding) above which the second look's index of them is
 an inverted file (:func:`ivf_lists` cells) rather than flat, whatever ``search.partition_above``:
 the partial proposals ask it with every window of every image (13 an image), so flat they cost
 ``13 N² dim``: more than 11 minutes at 20,000 images on the shared two-core machine (measured
 at a load of ~10; killed), where the cells cut it by ``ivf_lists / IVF_PROBE`` (``docs/architecture.md``)."""
-CELL_ROWS = 39
-"""Images a cell of the inverted file holds on average (:func:`ivf_lists`; the fewest faiss
-trains a cell on): fixed, so a query that visits :data:`IVF_PROBE` cells scans ~1,250 images
-at any N. With ``4 sqrt(N)`` cells (capped at ``N / 39``) a query scanned 1,250 at 20,000
-images, where the bench's proposals were measured, and ``8 sqrt(N)``, 3,580, at 200,000."""
-GRAPH_ABOVE = 2048
-"""Cells above which a query finds its nearest through a graph of the cells (HNSW), not by
-comparing it with every cell: a query then costs ~log(cells) centroid comparisons plus the
-images of :data:`IVF_PROBE` cells. Below, the flat comparison is cheaper (measured at 20,000
-images, 512 cells: the graph made the partial proposals cost 52 CPU s against 35 flat) and the
-cells are trained in one level, as before."""
-HNSW_LINKS = 32  # neighbours a centroid keeps in the cells' graph (faiss's HNSW ``M``)
-HNSW_SEARCH = 128  # centroids a query's walk through that graph keeps (``efSearch``: 4 x IVF_PROBE)
 
 
 def ivf_lists(n: int) -> int:
-    """Cells of the inverted file for ``n`` whole images: ``n / CELL_ROWS`` (5,128 at 200,000)."""
-    return max(1, n // CELL_ROWS)
+    """Cells of the inverted file for ``n`` whole images: ~4 sqrt(n) (1,800 at 200,000)."""
+    return int(4 * np.sqrt(max(n, 1)))
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:
@@ -149,32 +136,13 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
 def whole_index(vectors: np.ndarray | VectorFiles, use: np.ndarray, *, lists: int = 0, probe: int = IVF_PROBE) -> Any:
     """A faiss index of the whole images (the embedded rows with an image, ``use``), in the order
     of ``use``'s true positions: exact (flat) with ``lists`` 0, else an inverted file of
-    ``lists`` k-means cells (seeded, so its cells are the same run after run) of which a query
-    visits its ``probe`` nearest; above :data:`GRAPH_ABOVE` cells those are found through a
-    graph of the cells (HNSW) rather than against every cell, and the cells are trained in two
-    levels (:func:`_centroids`): with cells of a fixed size (:func:`ivf_lists`) what a query
-    costs is then bounded (log N), not ``sqrt(N)``. ``4 * dim`` bytes a row either way."""
+    ``lists`` k-means cells (trained on a seeded sample, so its cells are the same run after
+    run) of which a query visits its ``probe`` nearest. ``4 * dim`` bytes a row either way."""
     n = int(np.count_nonzero(use))
     dim = int(vectors.shape[1])
-    lists = min(lists, n // CELL_ROWS)  # faiss wants ~39 training points a cell
+    lists = min(lists, n // 39)  # faiss wants ~39 training points a cell
     index: Any
-    if lists > GRAPH_ABOVE:
-        pick = np.sort(np.random.default_rng(1234).choice(n, size=min(n, 64 * lists), replace=False))
-        emb_pick = np.flatnonzero(use)[pick]
-        sample = vectors.take(emb_pick) if isinstance(vectors, VectorFiles) else np.asarray(vectors, np.float32)[emb_pick]
-        centroids = _centroids(np.ascontiguousarray(sample, np.float32), lists)
-        del sample
-        quantizer = faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)  # a graph built on one thread is the same graph run after run
-        try:
-            quantizer.add(centroids)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        quantizer.hnsw.efSearch = max(HNSW_SEARCH, probe)
-        index = faiss.IndexIVFFlat(quantizer, dim, int(centroids.shape[0]), faiss.METRIC_INNER_PRODUCT)
-        index.nprobe = min(probe, int(centroids.shape[0]))
-    elif lists > 1:
+    if lists > 1:
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = 1234  # the cells, and so the proposals, are the same run after run
@@ -189,43 +157,6 @@ def whole_index(vectors: np.ndarray | VectorFiles, use: np.ndarray, *, lists: in
     for _, block in _use_blocks(vectors, use):
         index.add(block)
     return index
-
-
-def _centroids(sample: np.ndarray, lists: int, *, seed: int = 1234) -> np.ndarray:
-    """``lists`` k-means centroids of ``sample`` (unit vectors: compared by inner product), in
-    two levels: ``sqrt(lists)`` coarse cells, then each split in proportion to its share of the
-    sample (faiss's ``two_level_clustering``). One level costs ``sample x lists`` a round, and
-    the sample grows with the cells: ``N²`` (minutes at 200,000); two levels cost
-    ``sample x 2 sqrt(lists)``."""
-    dim = sample.shape[1]
-    coarse = max(1, int(np.sqrt(lists)))
-    if coarse < 2 or lists < 4 * coarse:
-        km = faiss.Kmeans(dim, lists, niter=25, seed=seed, spherical=True)
-        km.train(sample)
-        return np.ascontiguousarray(km.centroids, np.float32)
-    top = faiss.Kmeans(dim, coarse, niter=25, seed=seed, spherical=True, max_points_per_centroid=2000)
-    top.train(sample)
-    _, assign = top.index.search(sample, 1)
-    assign = assign[:, 0]
-    sizes = np.bincount(assign, minlength=coarse)
-    # cells for each coarse cell, in proportion to its points (at least one; 39 points a cell)
-    share = np.floor(np.cumsum(sizes) * lists / sizes.sum()).astype(np.int64)
-    split = np.diff(np.concatenate([[0], share]))
-    split = np.clip(split, 1, np.maximum(1, sizes // CELL_ROWS))
-    parts: list[np.ndarray] = []
-    for c in range(coarse):
-        members = sample[np.flatnonzero(assign == c)]
-        if not members.shape[0]:
-            continue
-        k = int(min(split[c], members.shape[0]))
-        if k <= 1:
-            mean = members.mean(axis=0, keepdims=True)
-            parts.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
-            continue
-        km = faiss.Kmeans(dim, k, niter=25, seed=seed + c, spherical=True)
-        km.train(members)
-        parts.append(km.centroids)
-    return np.ascontiguousarray(np.concatenate(parts), np.float32)
 
 
 def _use_blocks(vectors: np.ndarray | VectorFiles, use: np.ndarray, block_rows: int = 32_768) -> Iterator[tuple[int, np.ndarray]]:
