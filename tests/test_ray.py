@@ -92,3 +92,21 @@ def test_ray_runs_the_second_look_tasks_with_the_same_bytes(tmp_path: Path, loca
     assert ray_run.report["shards"]["second_look"] == local.report["shards"]["second_look"]
     for name in ("manifest.parquet", "keep.parquet", "report.json"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_a_ray_started_on_the_spot_is_its_own_with_workers_at_the_drivers_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "local", not None: None joins any cluster a `ray start` left on the machine. Ray's
+    # workers otherwise run 15 steps nicer than the driver, and on a shared machine wait.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address, options = RayExecutor().init_arguments()
+    assert address == "local"
+    assert options["_system_config"] == {"worker_niceness": 0}
+    assert options["include_dashboard"] is False
+    _, options = RayExecutor(init_options={"_system_config": {"worker_niceness": 5, "x": 1}}).init_arguments()
+    assert options["_system_config"] == {"worker_niceness": 5, "x": 1}  # the caller's word last
+    # A cluster is joined as it is (Ray refuses _system_config when joining).
+    address, options = RayExecutor(address="auto").init_arguments()
+    assert address == "auto" and "_system_config" not in options
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    address, options = RayExecutor().init_arguments()
+    assert address is None and "_system_config" not in options
