@@ -8,7 +8,8 @@ and writes them to ``OUT/checks.parquet``: a rule can then be tried on the dev s
 instead of a pipeline run::
 
     python bench/quality_checks.py measure --data bench/data/quality-v2/dev --run bench/out/miss-dev
-    python bench/quality_checks.py rules --checks bench/out/miss-dev/checks.parquet
+    python bench/quality_checks.py rules --checks bench/out/miss-dev/checks.parquet \
+        --data bench/data/quality-v2/dev --run bench/out/miss-dev   # with the clusters it gives
 
 A pair is "true" when its two images are in one group (a copy and its original, or two copies).
 """
@@ -225,13 +226,23 @@ def measure(data: Path, run_dir: Path, work: Path | None, out: Path, limit: int)
 
 
 def current_rule(
-    a: dict[str, np.ndarray], agreement: float = 0.94, inliers: int = 12, partial_inliers: int = 40, partial_agreement: float = 0.5
+    a: dict[str, np.ndarray],
+    agreement: float = 0.94,
+    inliers: int = 12,
+    partial_inliers: int = 40,
+    partial_agreement: float = 0.5,
+    edges: float = 0.85,
 ) -> np.ndarray:
-    """The default verdict (:func:`dedup.second_look.geometry.confirms`) over replayed measures."""
+    """The default verdict (:func:`dedup.second_look.geometry.confirms`) over replayed measures;
+    ``edges``: ``search.verify_edge_agreement`` (band pairs only)."""
     part = a["partial"].astype(bool)
+
+    def near(t: str) -> np.ndarray:
+        return np.maximum(a[f"edge_fwd_{t}"], a[f"edge_back_{t}"]) >= edges
+
     glob = ~part & (
-        ((a["inl_sim"] >= inliers) & (a["agree_sim"] >= agreement))
-        | ((a["inl_sim"] >= 8) & (a["inl_h"] >= inliers) & (a["agree_h"] >= agreement))
+        ((a["inl_sim"] >= inliers) & (a["agree_sim"] >= agreement) & near("sim"))
+        | ((a["inl_sim"] >= 8) & (a["inl_h"] >= inliers) & (a["agree_h"] >= agreement) & near("h"))
     )
     prt = part & (
         ((a["inl_h"] >= inliers) & (a["agree_h"] >= agreement)) | ((a["inl_h"] >= partial_inliers) & (a["agree_h"] >= partial_agreement))
@@ -288,7 +299,10 @@ def rules(checks: Path, data: Path | None, run_dir: Path | None) -> int:
     def show(name: str, ok: np.ndarray) -> None:
         line(name, a, ok, simulate(data, run_dir, a, ok) if data is not None and run_dir is not None else None)
 
-    show("current (3x3 opening, 0.94)", current_rule(a))
+    show("default (0.94, edges 0.85)", current_rule(a))
+    show("without the edge agreement", current_rule(a, edges=0.0))
+    for e in (0.8, 0.9):
+        show(f"edge agreement {e}", current_rule(a, edges=e))
     return 0
 
 
