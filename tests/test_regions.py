@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,36 @@ def test_geometry_refuses_a_family_lookalike_that_shares_corners() -> None:
     assert inliers >= search.verify_inliers  # what inliers alone would have accepted
     assert agreement < search.verify_agreement
     assert not confirms(fa, fb, search, partial=False)
+
+
+def _icon(other: int) -> Image.Image:
+    """A drawing of one family: the family's thin frame and marks on a white page (flat, so it
+    agrees whatever the pictures) and a small pictogram of its own (a pattern of blocks)."""
+    img = Image.new("RGB", (320, 240), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((8, 8, 311, 231), outline=(0, 0, 0), width=2)
+    for k in range(4):
+        draw.rectangle((20 + 48 * k, 20, 44 + 48 * k, 40), outline=(0, 0, 0), width=2)
+    cells = np.random.default_rng(other).integers(0, 2, (9, 12)).astype(np.uint8) * 255
+    img.paste(Image.fromarray(cells).resize((78, 60), Image.Resampling.NEAREST).convert("RGB"), (121, 90))
+    return img
+
+
+@pytest.mark.parametrize("other", [100, 101, 102])
+def test_edge_agreement_refuses_icons_that_agree_on_their_flat_page(other: int) -> None:
+    """Two icons of one family agree on 94 % of their pixels (the white page) but not near their
+    edges (the pictogram's are a large share of them): search.verify_edge_agreement (0.85, the
+    default) refuses them; copies of one icon still pass."""
+    edges = PLAIN.search
+    assert edges.verify_edge_agreement == 0.85
+    search = replace(edges, verify_edge_agreement=0.0)
+    a, b = local_features(_icon(other)), local_features(_icon(other + 100))
+    assert confirms(a, b, search, partial=False)  # what the agreement alone accepted
+    assert not confirms(a, b, edges, partial=False)
+    icon = _icon(other)
+    for copy in (icon.crop((20, 15, 300, 225)), icon.resize((200, 150)), icon.rotate(3, fillcolor=(255, 255, 255))):
+        assert confirms(local_features(copy), a, edges, partial=False)
+        assert confirms(a, local_features(copy), edges, partial=False)
 
 
 def test_aligned_agreement_on_itself_inverted_and_flat() -> None:

@@ -16,7 +16,7 @@ no keypoints.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 from PIL import Image
@@ -208,6 +208,23 @@ def _agreement_both_ways(pair: _Blurred, homography: np.ndarray, *, enough: floa
     return max(agreement, _agreement(pair, pair.target, pair.query, back, opening=opening))
 
 
+def _agrees_both_ways(pair: _Blurred, homography: np.ndarray, agreement: float, edges: float) -> bool:
+    """Whether the pair agrees on ``agreement`` of the overlap and on ``edges`` of its pixels
+    near an edge (:func:`_agreement` with ``edges``), each the better of the two ways (as
+    :func:`_agreement_both_ways`); the way back only when the first falls short."""
+    if edges <= 0:
+        return _agreement_both_ways(pair, homography, enough=agreement) >= agreement
+    best, best_edges = _agreement(pair, pair.query, pair.target, homography, edges=True)
+    if best >= agreement and best_edges >= edges:
+        return True
+    try:
+        back = np.linalg.inv(homography)
+    except np.linalg.LinAlgError:
+        return False
+    other, other_edges = _agreement(pair, pair.target, pair.query, back, edges=True)
+    return max(best, other) >= agreement and max(best_edges, other_edges) >= edges
+
+
 def aligned_agreement(query: LocalFeatures, target: LocalFeatures, homography: np.ndarray) -> float:
     """The share of the overlap where ``query``, warped onto ``target`` by ``homography`` (from
     keypoint to keypoint pixels), has the brightness of ``target`` within 10 % of the grey range,
@@ -222,8 +239,21 @@ def aligned_agreement(query: LocalFeatures, target: LocalFeatures, homography: n
     return _agreement(_Blurred(query, target), query, target, homography)
 
 
-def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homography: np.ndarray, *, opening: int = 3) -> float:
-    """:func:`aligned_agreement`, with the pair's blurred copies made once (``pair``).
+@overload
+def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homography: np.ndarray, *, opening: int = 3) -> float: ...
+@overload
+def _agreement(
+    pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homography: np.ndarray, *, opening: int = 3, edges: Literal[True]
+) -> tuple[float, float]: ...
+def _agreement(
+    pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homography: np.ndarray, *, opening: int = 3, edges: bool = False
+) -> float | tuple[float, float]:
+    """:func:`aligned_agreement`, with the pair's blurred copies made once (``pair``); with
+    ``edges``, also the agreement over the overlap's pixels within 2 px of an edge of either
+    image (Sobel magnitude over 8 % of the grey range): flat areas agree whatever the pictures,
+    so two icons of one family on one backdrop, or two mock-ups of one template, agree on most
+    of their pixels and on few of their edges. (The overlap's own border counts as an edge of
+    the warped image; measured so, bench/quality_checks.py.)
 
     Computed over whole arrays (the part outside the overlap zeroed) rather than on the
     overlap's pixels picked out one by one, without BLAS (whose threads spin against the check
@@ -232,9 +262,10 @@ def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homo
     thread: 29.1 -> 25.7 s, the same 729 confirmed.
     """
     cv2 = _cv2()
+    none = (0.0, 0.0) if edges else 0.0
     q, t = query.grey, target.grey
     if q.size == 0 or t.size == 0:
-        return 0.0
+        return none
     to_small = np.diag([target.scale, target.scale, 1.0]) @ homography @ np.diag([1 / query.scale, 1 / query.scale, 1.0])
     qb, tb = pair.of(query), pair.of(target)
     size = (t.shape[1], t.shape[0])
@@ -246,7 +277,7 @@ def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homo
     overlap = warped >= 0
     n = int(np.count_nonzero(overlap))
     if n < 64:
-        return 0.0
+        return none
     x = np.maximum(warped, 0.0)  # grey levels 0-255, and 0 outside the overlap
     y = tb * overlap
     sx, sy = float(x.sum(dtype=np.float64)), float(y.sum(dtype=np.float64))
@@ -255,10 +286,10 @@ def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homo
     # Least squares y ~ gain * x + offset. A flat overlap (under a hundredth of a grey level
     # apart, on average) fits a constant as well as anything: no gain to speak of.
     if var <= n * 1e-4:
-        return 0.0
+        return none
     gain = cov / var
     if gain <= 0.2:  # flat or inverted
-        return 0.0
+        return none
     # Disagreement thinner than the opening's 3 px (at the comparison size) is forgiven: the
     # strokes of overlaid text and watermarks, edges shifted by a pixel. A different pictogram
     # or a missing puzzle knob is a blob, which stays.
@@ -266,7 +297,26 @@ def _agreement(pair: _Blurred, query: LocalFeatures, target: LocalFeatures, homo
     np.logical_and(differs, overlap, out=differs)
     kernel = _OPENING if opening == 3 else np.ones((opening, opening), np.uint8)
     opened = cv2.morphologyEx(differs.view(np.uint8), cv2.MORPH_OPEN, kernel).view(bool)
-    return 1.0 - int(np.count_nonzero(np.logical_and(opened, overlap, out=opened))) / n
+    np.logical_and(opened, overlap, out=opened)
+    agreement = 1.0 - int(np.count_nonzero(opened)) / n
+    if not edges:
+        return agreement
+    near = np.logical_or(_edges(x), _edges(y))
+    np.logical_and(near, overlap, out=near)
+    near = cv2.dilate(near.view(np.uint8), _NEAR).view(bool)
+    np.logical_and(near, overlap, out=near)
+    m = int(np.count_nonzero(near))
+    return agreement, (1.0 - int(np.count_nonzero(np.logical_and(opened, near))) / m if m else 0.0)
+
+
+_EDGE = 0.08 * 255 * 4  # a 3x3 Sobel's magnitude of a step of 8 % of the grey range
+_NEAR = np.ones((5, 5), np.uint8)
+
+
+def _edges(grey: np.ndarray) -> np.ndarray:
+    cv2 = _cv2()
+    magnitude: np.ndarray = np.hypot(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
+    return magnitude >= _EDGE
 
 
 def confirms(query: LocalFeatures, target: LocalFeatures, search: SearchConfig, *, partial: bool) -> bool:
@@ -291,7 +341,7 @@ def confirms(query: LocalFeatures, target: LocalFeatures, search: SearchConfig, 
         needs = [search.verify_agreement] if inliers >= search.verify_inliers else []
         if partial and inliers >= search.partial_inliers:
             needs.append(_PARTIAL_AGREEMENT)
-        if h is not None and needs and _agreement_both_ways(pair, h, enough=min(needs)) >= min(needs):
+        if h is not None and needs and _agrees_both_ways(pair, h, min(needs), 0.0 if partial else search.verify_edge_agreement):
             return True
         if similarity and inliers < _HOMOGRAPHY_AFTER:
             return False  # a warped print still has a part the simpler model explains
