@@ -108,7 +108,10 @@ def profile(
         imgs: list[Image.Image] = []
         add("decode (RGB, full size)", _best(lambda: imgs.__setitem__(slice(None), [fp.decode(b, max_pixels=fcfg.max_pixels) for b in blobs]), rounds))
         add("SHA-256 of the bytes", _best(lambda: [hashlib.sha256(b).digest() for b in blobs], rounds))
-        add("SHA-256 of the pixels", _best(lambda: [fp._pixel_sha256(np.asarray(im)) for im in imgs], rounds))
+        if fcfg.pdq and hasattr(fp, "pixel_sha256"):  # lazy since issue 25's third session
+            add("SHA-256 of the pixels", None, "global stage, candidates only (dedup.pixels)")
+        else:
+            add("SHA-256 of the pixels", _best(lambda: [fp._pixel_sha256(np.asarray(im)) for im in imgs], rounds))
         if fcfg.phash:
             add("pHash", _best(lambda: [fp._phash(im) for im in imgs], rounds))
         else:

@@ -31,10 +31,11 @@ Nothing here prints or exits: :func:`check` returns a :class:`CheckResult`, whic
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ from dedup.store import Index, open_index, resolve_source
 from dedup.manifest import build_manifest
 from dedup.featurize import FeatureStep
 from dedup.pipeline import FEATURES
+from dedup.pixels import resolve_against, resolve_within
 from dedup.rows import as_rows
 from dedup.search import Candidates, CrossLinks, Edges, Signal
 from dedup.second_look.look import verify_candidates
@@ -245,6 +247,17 @@ def check(
             pipeline.check_free_space(need, Path(against), work_dir.parent, what="this check --update")
         table, vectors, _ = pipeline.featurize(plan.new, work_dir, cfg, executor=executor, progress=prog)
         table = table.combine_chunks()
+        if cfg.search.exact and plan.new:
+            # The pixel hashes the links need (dedup.pixels): the drop's within itself, then the
+            # drop's and the index's rows that share a pixel key (index rows re-read from its
+            # sources where their hash was never computed).
+            threads = cfg.workers or os.cpu_count() or 1
+            rows, _ = resolve_within(table, plan.new, max_pixels=cfg.fingerprint.max_pixels, executor=executor, workers=threads)
+            rows, samples, _ = resolve_against(
+                rows, plan.new, base.samples, [e.shard for e in base.catalog.shards],
+                max_pixels=cfg.fingerprint.max_pixels, executor=executor, workers=threads,
+            )  # fmt: skip
+            table, base = rows.to_table(), replace(base, samples=samples)
         featurized = time.perf_counter()
         # The drop is featurized under the ids an add would give it (so --update reuses the
         # work); people read its samples by their ids in the drop.

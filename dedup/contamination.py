@@ -12,15 +12,18 @@ searched with the run's own thresholds; their vectors must come from the run's m
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from dedup._types import Shard
 from dedup.config import RunConfig
 from dedup.errors import ConfigError
+from dedup.pixels import resolve_against
 from dedup.rows import FeatureRows, as_rows
 from dedup.search import Signal
 from dedup.signals import BASE_COLUMNS, cross_links
@@ -99,9 +102,18 @@ def check_compatible(cfg: RunConfig, eval_set: EvalSet) -> None:
 
 
 def find_contamination(
-    table: pa.Table | FeatureRows, vectors: Any, labels: np.ndarray, cfg: RunConfig, evals: Sequence[EvalSet]
+    table: pa.Table | FeatureRows,
+    vectors: Any,
+    labels: np.ndarray,
+    cfg: RunConfig,
+    evals: Sequence[EvalSet],
+    *,
+    shards: Sequence[Shard] | None = None,
 ) -> Contamination:
     """The training rows that copy an evaluation image, directly or through their cluster.
+
+    ``shards``: where the training rows are read back from when a pixel hash must label a link
+    (:func:`dedup.pixels.resolve_against`; None: from nowhere, such links get PDQ's label).
 
     Per training row the strongest direct link wins: exact before embedding before hashes
     (:class:`Signal` order), then the highest similarity, then the earlier evaluation set.
@@ -120,7 +132,14 @@ def find_contamination(
     eval_ids: list[pa.ChunkedArray] = []
     for k, ev in enumerate(evals):
         check_compatible(cfg, ev)
-        links = cross_links(rows_of, _in_memory(vectors), ev.index, cfg)
+        mine, base = rows_of, ev.index
+        if cfg.search.exact:
+            mine, samples, _ = resolve_against(
+                rows_of, shards or (), ev.index.samples, [e.shard for e in ev.index.catalog.shards],
+                max_pixels=cfg.fingerprint.max_pixels, workers=cfg.workers or os.cpu_count() or 1,
+            )  # fmt: skip
+            base = replace(ev.index, samples=samples)
+        links = cross_links(mine, _in_memory(vectors), base, cfg)
         eval_ids.append(ev.index.samples.column("sample_id"))
         if not len(links):
             continue

@@ -177,7 +177,10 @@ def _features(
         # Metadata-only: nothing to decode; URL and caption signals serve these rows.
         return Features(status="ok", error=None, width=sample.width, height=sample.height), None
     prepare = embedder.preprocess if embedder is not None else None
-    return fingerprint(sample.data, cfg, prepare=prepare)
+    # With PDQ on, the pixel hash waits for the global stage (dedup.pixels): two images with
+    # the same pixels have the same size and PDQ, so only the rows whose (width, height, PDQ)
+    # another row of other bytes shares are re-read and hashed there (~4 % on the bench).
+    return fingerprint(sample.data, cfg, prepare=prepare, pixel_hash=not cfg.pdq)
 
 
 def _row(sample: Sample, shard: Shard, feats: Features, embedded: bool) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dedup.config import FingerprintConfig
 from dedup.errors import SampleError
 
-__all__ = ["Features", "decode", "fingerprint", "hamming", "pdq_dihedral", "trim_borders", "trim_box"]
+__all__ = ["Features", "decode", "fingerprint", "hamming", "pdq_dihedral", "pixel_sha256", "trim_borders", "trim_box"]
 
 # The formats we open, most common first (Image.open tries them in this order). An allow-list
 # rather than PIL's full registry: PIL's EPS plugin runs Ghostscript on the data, and a
@@ -179,12 +179,15 @@ def fingerprint(
     cfg: FingerprintConfig,
     *,
     prepare: Callable[[Image.Image], np.ndarray] | None = None,
+    pixel_hash: bool = True,
 ) -> tuple[Features, np.ndarray | None]:
     """Decode ``data`` once and compute every configured signal from that decode.
 
     Returns the features and ``prepare(image)`` (the embedder's model input, small), so the
     caller never holds the full-size image. Never raises for bad data: a sample that cannot be
     used comes back as ``Features(status="failed", error=...)`` and ``None``.
+    ``pixel_hash=False`` leaves ``pixel_sha256`` None (not computed): the per-shard stage hashes
+    pixels later, only for the rows where it can label a link (:mod:`dedup.pixels`).
     """
     if data is None:
         return Features.failed("no image bytes"), None
@@ -199,7 +202,7 @@ def fingerprint(
         width=width,
         height=height,
         sha256=hashlib.sha256(data).digest(),
-        pixel_sha256=_pixel_sha256(np.asarray(img)),
+        pixel_sha256=_pixel_sha256(np.asarray(img)) if pixel_hash else None,
     )
     if cfg.phash:
         features.phash = _phash(img)
@@ -403,6 +406,19 @@ def _deep_to_8bit(im: Image.Image) -> np.ndarray:
     else:
         out = np.clip(arr, 0, 255).astype(np.uint8)
     return out
+
+
+def pixel_sha256(data: bytes, *, max_pixels: int) -> bytes:
+    """The exact-pixel hash of encoded bytes, as :func:`fingerprint` computes it (full decode).
+
+    Raises:
+        SampleError: the bytes are not a usable image.
+    """
+    img = decode(data, max_pixels=max_pixels)
+    try:
+        return _pixel_sha256(np.asarray(img))
+    finally:
+        img.close()
 
 
 def _pixel_sha256(pixels: np.ndarray) -> bytes:

@@ -44,6 +44,7 @@ from dedup.store import Catalog, index_dir, index_lock, open_index, write_index
 from dedup.manifest import Manifest, write_keep_list, write_manifest, write_remove_list
 from dedup.second_look import RegionFiles, load_trims, second_look
 from dedup.partition import PartitionSettings, VectorFiles
+from dedup.pixels import resolve_within
 from dedup.report import build_report, write_report_pages
 from dedup.rows import FeatureRows, as_rows
 from dedup.search import (
@@ -288,6 +289,16 @@ def finish(
     """
     rows = as_rows(table)
     timer = PhaseLog()
+    if shards is not None and cfg.search.exact:
+        # Pixel hashes where they can label a link (dedup.pixels): the per-shard stage leaves
+        # them out when PDQ is on; the few rows that need one are re-read here. The index
+        # keeps them (null where never needed: format 5).
+        pixels_root = (features_dir.parent if features_dir is not None else out_dir / WORK_DIR) / "pixels"
+        rows, _ = resolve_within(
+            rows, shards, max_pixels=cfg.fingerprint.max_pixels, root=pixels_root, executor=executor,
+            workers=cfg.workers or os.cpu_count() or 1,
+        )  # fmt: skip
+        timer.done("pixel hashes")
     search_dir = search_dir if search_dir is not None else out_dir / WORK_DIR / "search"
     edges, levels = find_edges(rows, vectors, cfg, progress=progress, work_dir=search_dir)
     timer.done("search")
@@ -321,7 +332,7 @@ def finish(
         reviewed = applied.changed(keep_row, select(applied.before) if applied.before is not None else None)
         del pixels, metric, select
         edges = applied.links
-        contamination = find_contamination(rows, vectors, labels, cfg, evals) if evals else None
+        contamination = find_contamination(rows, vectors, labels, cfg, evals, shards=shards) if evals else None
         manifest = Manifest.build(
             rows, labels, keep_row, edges, embedding_label=embedding_label, ok=ok, contamination=contamination, reviewed=reviewed
         )

@@ -104,6 +104,42 @@ class FeatureRows:
                 self.parts.append(part)
                 counts.append(n)
         self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        # Values laid over a column at some rows (sorted global rows, the values): what the
+        # global stage learnt after the checkpoints were written (dedup.pixels' pixel hashes).
+        self.overlays: dict[str, tuple[np.ndarray, pa.Array]] = {}
+
+    def with_values(self, column: str, rows: np.ndarray, values: pa.Array) -> FeatureRows:
+        """These rows with ``values`` in ``column`` at the global ``rows`` (no file is touched)."""
+        rows = np.asarray(rows, np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = FeatureRows.__new__(FeatureRows)
+        out.schema, out.parts, out.offsets = self.schema, list(self.parts), self.offsets
+        out.overlays = dict(self.overlays)
+        if column in out.overlays:  # the new values win where both name a row
+            old_rows, old_values = out.overlays[column]
+            keep = ~np.isin(old_rows, rows)
+            rows = np.concatenate([old_rows[keep], rows])
+            values = pa.concat_arrays([old_values.filter(pa.array(keep)), values.cast(old_values.type)])
+            order = np.argsort(rows, kind="stable")
+        out.overlays[column] = (rows[order], values.cast(self.schema.field(column).type).take(pa.array(order)))
+        return out
+
+    def _read_at(self, k: int, columns: Sequence[str]) -> pa.Table:
+        """Part ``k``'s ``columns``, with the overlays laid over them."""
+        table = self._read(self.parts[k], columns)
+        for name in columns:
+            if name not in self.overlays:
+                continue
+            rows, values = self.overlays[name]
+            lo, hi = np.searchsorted(rows, [self.offsets[k], self.offsets[k + 1]])
+            if lo == hi:
+                continue
+            mask = np.zeros(table.num_rows, bool)
+            mask[rows[lo:hi] - self.offsets[k]] = True
+            column = table.column(name).combine_chunks()
+            at = table.schema.get_field_index(name)
+            table = table.set_column(at, table.schema.field(name), pc.replace_with_mask(column, pa.array(mask), values.slice(lo, hi - lo)))
+        return table
 
     @property
     def num_rows(self) -> int:
@@ -144,8 +180,8 @@ class FeatureRows:
 
     def tables(self, columns: Sequence[str]) -> Iterator[pa.Table]:
         """Each part's ``columns``, in order (one part in memory at a time)."""
-        for part in self.parts:
-            yield self._read(part, columns)
+        for k in range(len(self.parts)):
+            yield self._read_at(k, columns)
 
     def batches(self, columns: Sequence[str] | None = None, size: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
         """``columns`` (default: all) as consecutive slices of ``size`` rows; see :func:`rechunk`."""
@@ -186,6 +222,8 @@ class FeatureRows:
     def null_count(self, name: str) -> int:
         """Nulls in a column, from the files' statistics where they have them."""
         total = 0
+        if name in self.overlays:
+            return sum(t.column(0).null_count for t in self.tables([name]))
         for part in self.parts:
             if isinstance(part, pa.Table):
                 total += part.column(name).null_count
@@ -209,7 +247,7 @@ class FeatureRows:
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         for k in np.unique(which):
             sel = rows[which == k] - self.offsets[k]
-            pieces.append(self._read(self.parts[int(k)], cols).take(pa.array(sel)))
+            pieces.append(self._read_at(int(k), cols).take(pa.array(sel)))
         if not pieces:
             return pa.schema([self.schema.field(c) for c in cols]).empty_table()
         return pa.concat_tables(pieces).combine_chunks()

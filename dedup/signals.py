@@ -39,6 +39,7 @@ from dedup._types import Shard, ShardKind
 from dedup.config import EmbedModel, RunConfig, SearchConfig
 from dedup.errors import ConfigError, IndexUnreadableError
 from dedup.partition import auto_settings, partitioned_edges
+from dedup.pixels import known_pixels, pixel_keys
 from dedup.rows import FeatureRows, as_rows
 from dedup.search import (
     CrossLinks,
@@ -139,9 +140,16 @@ class SignalSpec:
 
 
 def _exact_within(spec: SignalSpec, ctx: Within, mask: np.ndarray) -> Edges:
-    if not ctx.present(spec.column):
+    if spec.signal is Signal.EXACT_PIXELS:
+        # Pixel hashes are computed only where they can label a link (dedup.pixels, laid over
+        # the rows by the caller); elsewhere a row's byte hash stands for its pixels.
+        if not (ctx.present(spec.column) or ctx.present("sha256")):
+            return Edges.empty()
+        values = pixel_keys(ctx.rows.column(spec.column).to_pylist(), ctx.rows.column("sha256").to_pylist())
+    elif not ctx.present(spec.column):
         return Edges.empty()
-    values = ctx.rows.column(spec.column).to_pylist()
+    else:
+        values = ctx.rows.column(spec.column).to_pylist()
     return exact_edges([v if mask[r] else None for r, v in enumerate(values)], signal=spec.signal)
 
 
@@ -212,6 +220,8 @@ def _exact_against(spec: SignalSpec, ctx: Against, mask: np.ndarray) -> CrossLin
     mine = ctx.rows.column(spec.column)
     theirs = ctx.base.samples.column(spec.column)
     their_ok = ctx.base_mask[spec.qualifies]
+    if spec.signal is Signal.EXACT_PIXELS:
+        mine, theirs = _pixel_keys_against(ctx)
     values = [v if mask[r] else None for r, v in enumerate(mine.to_pylist())]
     wanted = pa.array([v for v in values if v], mine.type)
     if not len(wanted):
@@ -222,6 +232,30 @@ def _exact_against(spec: SignalSpec, ctx: Against, mask: np.ndarray) -> CrossLin
     for row, value in zip(rows.tolist(), theirs.take(pa.array(rows, pa.int64())).to_pylist(), strict=True):
         first.setdefault(value, row)
     return _first_holder_links(values, first, spec.signal)
+
+
+def _pixel_keys_against(ctx: Against) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The exact-pixel keys of the new rows and of the index's (:func:`dedup.pixels.pixel_keys`):
+    pixel hash, else a byte twin's on either side, else the byte hash. The pixel hashes a link
+    needs were laid over both by the caller (:func:`dedup.pixels.resolve_against`)."""
+    rows = as_rows(ctx.rows)
+    my_pix, my_sha = rows.column("pixel_sha256").to_pylist(), rows.column("sha256").to_pylist()
+    their_pix, their_sha = ctx.base.samples.column("pixel_sha256"), ctx.base.samples.column("sha256")
+    known = known_pixels(my_pix, my_sha)
+    shared = pc.is_in(their_sha, value_set=pa.array([s for s in my_sha if s is not None], pa.binary(32)))
+    both = pc.and_(shared.fill_null(False), their_pix.is_valid())
+    for s, p in zip(their_sha.filter(both).to_pylist(), their_pix.filter(both).to_pylist(), strict=True):
+        known.setdefault(s, p)
+    mine = pa.chunked_array([pa.array(pixel_keys(my_pix, my_sha, known), pa.binary(32))])
+    theirs = pc.coalesce(their_pix, their_sha)
+    borrow = pc.and_(shared.fill_null(False), their_pix.is_null())
+    if pc.any(borrow).as_py():
+        at = np.flatnonzero(np.asarray(borrow.to_numpy(zero_copy_only=False), bool))
+        keys = [known.get(s, s) for s in their_sha.take(pa.array(at)).to_pylist()]
+        mask = np.zeros(len(theirs), bool)
+        mask[at] = True
+        theirs = pc.replace_with_mask(theirs.combine_chunks(), pa.array(mask), pa.array(keys, pa.binary(32)))
+    return mine, pa.chunked_array([theirs]) if isinstance(theirs, pa.Array) else theirs
 
 
 def _text_against(spec: SignalSpec, ctx: Against, mask: np.ndarray) -> CrossLinks:
@@ -365,7 +399,9 @@ def cross_links(table: pa.Table | FeatureRows, vectors: np.ndarray, base: Any, c
 
 
 # The index columns cross_links reads (samples.parquet).
-BASE_COLUMNS = ("status", "has_image", "embedded", "sha256", "pixel_sha256", "url", "caption")
+# width, height, pdq, sample_id and shard: the pixel key and where to re-read an index row
+# whose pixel hash a link needs (dedup.pixels.resolve_against).
+BASE_COLUMNS = ("status", "has_image", "embedded", "sha256", "pixel_sha256", "url", "caption", "width", "height", "pdq", "sample_id", "shard")
 
 
 def second_look_rows(table: pa.Table | FeatureRows) -> np.ndarray:

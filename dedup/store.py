@@ -12,7 +12,9 @@ Layout of ``OUT/index/``, versioned by ``meta.json``'s ``format`` (:data:`FORMAT
                        an interrupted write leaves the previous generation whole
       samples.parquet  one row per sample, in index order: every column of featurize.SCHEMA
                        (ids, metadata, status, hashes, has_image, embedded, meta) + cluster_id
-                       and emb_row (the sample's row in the vectors, -1 if not embedded)
+                       and emb_row (the sample's row in the vectors, -1 if not embedded);
+                       pixel_sha256 is null (not computed) unless a link needed it: the
+                       pixel key (width, height, pdq) beside it says which rows may (format 5)
       shards.parquet   one row per shard included, in index order: shard_id, source_index,
                        source, path, kind, stamp, members, rows, embedded, stats (JSON)
       NNNNNN.npy       the embeddings, stored once: parts (meta.json's
@@ -58,7 +60,12 @@ from dedup.errors import DedupError, IndexBusyError, IndexConflictError, IndexUn
 from dedup.rows import FeatureRows, as_rows
 from dedup.signals import hash_codes
 
-FORMAT = 4  # 3: vectors stored once, as parts (hard links to the checkpoints); 4: and a folder per generation
+# 3: vectors stored once, as parts (hard links to the checkpoints); 4: and a folder per
+# generation; 5: pixel_sha256 null where it was never computed (dedup.pixels: only rows whose
+# (width, height, pdq) key another row of other bytes shares are hashed). Format 4, where every
+# image row holds its pixel hash, reads as it is: the rules of dedup.pixels take both.
+FORMAT = 5
+READS = (4, 5)
 INDEX_DIR = "index"
 LOCK_NAME = ".lock"
 META = "meta.json"
@@ -449,10 +456,10 @@ def read_index(
             f"{directory} has no readable {META}; hint: build the index with `dedup run SOURCE --out "
             f"{directory.parent}` (an interrupted run leaves none: rerun it)"
         )
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READS:
         raise IndexUnreadableError(
             f"the index in {directory} has format {meta.get('format')!r}; this dedup "
-            f"({__version__}) reads format {FORMAT}; hint: rebuild it with `dedup run` (per-shard "
+            f"({__version__}) reads formats {', '.join(map(str, READS))}; hint: rebuild it with `dedup run` (per-shard "
             "checkpoints in .work/ are reused)"
         )
     try:

@@ -170,7 +170,7 @@ def test_index_layout(sample_images_dir: PlantedDataset, tmp_path: Path) -> None
     meta = json.loads((d / "meta.json").read_text())
     for name in ("meta.json", f"{meta['data']}/samples.parquet", f"{meta['data']}/shards.parquet", f"{meta['data']}/pdq.faiss", ".lock"):
         assert (d / name).is_file(), name
-    assert meta["format"] == FORMAT == 4
+    assert meta["format"] == FORMAT == 5
     parts = [d / meta["data"] / name for name, _ in meta["vector_parts"]]
     assert parts and all(p.is_file() for p in parts) and not (d / "embeddings.npy").exists()
     # stored once: each part is the shard's checkpoint, hard-linked
@@ -210,7 +210,7 @@ def test_unreadable_indexes(sample_images_dir: PlantedDataset, tmp_path: Path) -
     meta_path = out / "index" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format": 1}))
-    with pytest.raises(IndexUnreadableError, match=r"has format 1; this dedup .* reads format 4; hint: rebuild"):
+    with pytest.raises(IndexUnreadableError, match=r"has format 1; this dedup .* reads formats 4, 5; hint: rebuild"):
         open_index(out)
 
 
