@@ -740,7 +740,8 @@ def _filter_csv(source: str, data: bytes, left_out: Any) -> bytes:
     if not rows:
         return b""
     header, body = rows[0], rows[1:]
-    columns = [k for k, n in enumerate(header) if n in _file_name_columns(header)]
+    named = set(_file_name_columns(header))
+    columns = [k for k, n in enumerate(header) if n in named]
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
