@@ -550,6 +550,62 @@ def test_sigkill_at_random_points_then_rerun_gives_the_same_bytes(
     print(f"seed {seed}: kills {where}")
 
 
+def _children(pid: int) -> set[int]:
+    """The processes ``pid`` started (Linux: /proc's children lists, one per thread)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc to find the run's worker processes")
+def test_sigkill_leaves_no_worker_process_behind(tmp_path: Path, kill_setup: tuple[Path, Path, dict[str, float], Path]) -> None:
+    """A run killed with SIGKILL (OOM killer, kill -9, a CI timeout) while its worker processes
+    compute shards: the workers end too, instead of waiting on the task queue forever."""
+    src, config, _, _ = kill_setup
+    two = tmp_path / "two.toml"
+    two.write_text(config.read_text().replace("folder_batch = 3\n", "folder_batch = 3\nworkers = 2\n", 1))
+    proc = subprocess.Popen(_dedup_cmd(src, tmp_path / "out", two), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watch = _Watch(tmp_path / "out")
+    workers: set[int] = set()
+    deadline = time.monotonic() + 300
+    # Killed once a worker has finished a shard: the workers are past their start-up (a worker
+    # still starting reads its parent's pipe and ends by itself) and wait for the next task.
+    while proc.poll() is None and time.monotonic() < deadline:
+        workers |= {c for c in _children(proc.pid) if b"spawn_main" in _cmdline(c)}
+        if workers and watch.markers() >= 1:
+            break
+        time.sleep(0.01)
+    assert workers and watch.markers() < KILL_SHARDS, "the run must be killed while its worker processes compute shards"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # do not leave them to the next test either
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"worker processes {left} outlived their killed run"
+
+
 # --------------------------------------------------------------------------------------------
 # 3b. a full disk: a clean error, earlier checkpoints valid, the rerun resumes
 

@@ -6,6 +6,7 @@ import errno
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -72,7 +73,9 @@ class LocalExecutor:
         else:
             kwargs = {}
             ctx = multiprocessing.get_context("spawn")
-            pool = ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx)
+            pool = ProcessPoolExecutor(
+                max_workers=min(self.workers, len(todo)), mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),)
+            )
             limits = _blas_threads(share)
         with limits, pool:
             attempts = {s.shard_id: 0 for s in todo}
@@ -119,6 +122,20 @@ class LocalExecutor:
         results[shard.shard_id] = stats
         if on_done is not None:
             on_done(shard, stats)
+
+
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """First thing in each worker process: a daemon thread that ends the worker once the run's
+    process is gone. A pool's workers hold their own end of the task queue's pipe, so a run
+    killed with SIGKILL (the OOM killer, ``kill -9``, a CI timeout) would leave them waiting on
+    it forever, each holding its model's memory. Reparented, they see another parent id."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dedup-exit-with-parent", daemon=True).start()
 
 
 # Errors only a write meets: a worker's OSError with one of them is about its outputs.
