@@ -42,7 +42,9 @@ class Shard:
 
     ``shard_id`` is unique within a run and stable across runs over the same inputs (it names the
     checkpoint). ``stamp`` changes when the underlying file changes (size, mtime), so a rerun
-    recomputes a shard whose input was replaced. ``members`` lists the files of a folder batch.
+    recomputes a shard whose input was replaced. ``members`` lists the files of a folder batch;
+    ``captions`` (empty, or one entry per member) the caption file beside each (``cat.jpg`` +
+    ``cat.txt``, the layout of fine-tuning folders), ``""`` where a member has none.
     """
 
     source: str  # the SOURCE argument this shard came from, as the user gave it
@@ -51,6 +53,7 @@ class Shard:
     shard_id: str  # e.g. "00000.tar", "photos/part-00003"; safe to use in a file name after quoting
     stamp: str = ""
     members: tuple[str, ...] = ()
+    captions: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -528,6 +528,38 @@ def test_folder_member_deleted_after_discovery_is_a_failed_sample(tmp_path: Path
     assert samples[0].error == "unreadable file: No such file or directory"
 
 
+def test_folder_captions_beside_images_are_read(tmp_path: Path) -> None:
+    # Fine-tuning folders keep each image's caption beside it (cat.jpg + cat.txt, or .caption):
+    # the caption is the sample's, it is part of the shard's stamp, and a folder without any
+    # caption file keeps the stamp it always had (earlier checkpoints stay valid).
+    root = _photo_folder(tmp_path / "photos")
+    plain = discover([str(root)], folder_batch=3)
+    assert all(s.captions == () for s in plain)
+    (root / "a.txt").write_text("a red cat on a sofa\n")
+    (root / "b" / "c.caption").write_bytes(b"caf\xc3\xa9 \xff")  # a bad byte never costs the sample
+    (root / "b" / "deep" / "d.txt").write_text("d")
+    (root / "b" / "deep" / "d.caption").write_text("not this one: .txt comes first")
+    (root / "lonely.txt").write_text("no image: not a sample")
+    shards = discover([str(root)], folder_batch=3)
+    assert [s.members for s in shards] == [s.members for s in plain]
+    assert [s.captions for s in shards] == [("a.txt", "b/c.caption", ""), ("b/deep/d.txt",)]
+    assert [s.stamp != p.stamp for s, p in zip(shards, plain, strict=True)] == [True, True]
+    captions = {s.sample_id: s.caption for shard in shards for s in read_shard(shard)}
+    assert captions == {"a.jpg": "a red cat on a sofa", "b/c.PNG": "café \ufffd", "b/corrupt.jpg": None, "b/deep/d.webp": "d"}
+    # Editing a caption recomputes its batch only.
+    (root / "a.txt").write_text("a different caption")
+    os.utime(root / "a.txt", (1_600_000_000, 1_600_000_000))
+    edited = discover([str(root)], folder_batch=3)
+    assert (edited[0].stamp != shards[0].stamp, edited[1].stamp == shards[1].stamp) == (True, True)
+    # Reading a few images back keeps each one's caption; a caption gone since discovery
+    # leaves the caption empty and says so in the sample's metadata.
+    (root / "b" / "c.caption").unlink()
+    back = {s.sample_id: s for s in read_samples(edited[0], {"b/c.PNG", "a.jpg"})}
+    assert back["a.jpg"].caption == "a different caption"
+    assert (back["b/c.PNG"].status, back["b/c.PNG"].caption) == ("ok", None)
+    assert back["b/c.PNG"].extra["caption_error"].startswith("b/c.caption: unreadable file")
+
+
 def test_read_samples_opens_only_the_named_files_of_a_folder_batch(tmp_path: Path) -> None:
     # Reading a few images back (the second look, thumbnails) opens just those files; a named
     # file gone since discovery is still a failed sample, and other kinds stream the whole shard.

@@ -15,7 +15,7 @@ import re
 import stat as stat_module
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
@@ -329,6 +329,18 @@ def has_image_extension(name: str) -> bool:
     """True for ``*.jpg`` etc., case-insensitive (only the last extension counts)."""
     _, dot, ext = name.rpartition(".")
     return bool(dot) and ext.lower() in _IMAGE_EXTENSION_SET
+
+
+# A plain folder's caption files: the same name with another extension (``cat.jpg`` +
+# ``cat.txt``), as fine-tuning folders (kohya's sd-scripts, diffusers' examples) keep them.
+# The first one present is the caption. ``apply`` copies these (and tag lists) with the image.
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+
+def caption_file(rel: str, files: Collection[str]) -> str:
+    """The caption file beside the image ``rel`` among the listed ``files``, or ``""``."""
+    stem = rel[: rel.rfind(".")] if "." in rel.rpartition("/")[2] else rel
+    return next((stem + ext for ext in CAPTION_EXTENSIONS if stem + ext in files), "")
 
 
 def pick_image_field(fields: Iterable[str]) -> str | None:

@@ -21,6 +21,7 @@ from dedup.sources._common import (
     open_input,
     ENVIRONMENT_ERRORS,
     IMAGE_EXTENSIONS,
+    caption_file,
     clean_text,
     digest,
     filesystem,
@@ -227,15 +228,13 @@ def _discover_folder(
     infos = {**files, **escaping}
     for number, start in enumerate(range(0, len(images), folder_batch)):
         members = tuple(images[start : start + folder_batch])
+        captions = tuple(caption_file(rel, files) for rel in members)
+        captions = captions if any(captions) else ()
+        # A caption file is part of its sample: editing one recomputes the batch.
+        parts = [f"{rel}\0{stamp(infos[rel])}" for rel in members]
+        parts += [f"{rel}\0{stamp(files[rel])}" for rel in captions if rel]
         shards.append(
-            Shard(
-                source,
-                url_of(fs, root),
-                ShardKind.FOLDER,
-                f"{prefix}part-{number:05d}",
-                digest(f"{rel}\0{stamp(infos[rel])}" for rel in members),
-                members,
-            )
+            Shard(source, url_of(fs, root), ShardKind.FOLDER, f"{prefix}part-{number:05d}", digest(parts), members, captions)
         )
     if not shards:
         raise SourceError(

@@ -133,7 +133,9 @@ def folder_samples(shard: Shard, sample_ids: Collection[str]) -> Shard:
     """The folder batch ``shard`` narrowed to the members whose sample ids are given (their
     order kept), so that reading a few images back does not read the whole batch."""
     prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
-    return replace(shard, members=tuple(m for m in shard.members if prefix + clean_text(m) in sample_ids))
+    keep = [i for i, m in enumerate(shard.members) if prefix + clean_text(m) in sample_ids]
+    captions = tuple(shard.captions[i] for i in keep) if shard.captions else ()
+    return replace(shard, members=tuple(shard.members[i] for i in keep), captions=captions)
 
 
 def read_folder(shard: Shard) -> Iterator[Sample]:
@@ -142,18 +144,30 @@ def read_folder(shard: Shard) -> Iterator[Sample]:
     The bytes are yielded whatever they hold: telling a corrupt image from a good one is the
     decoder's job, and a corrupt file must show up in the manifest as such. A file that cannot
     be read at all (deleted since discovery, no permission) becomes a failed sample, and so
-    does a symlink that leads outside the source (it is not read).
+    does a symlink that leads outside the source (it is not read). A member's caption file
+    (``shard.captions``) is read with it; one that cannot be read leaves the caption empty and
+    says why in the sample's metadata (``caption_error``).
     """
     fs, root = filesystem(shard.path)
     root = root.rstrip("/")
     # Folder batch ids are "part-00000" or "s1/part-00000": sample ids take the same prefix.
     prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
+    captions = shard.captions or ("",) * len(shard.members)
     with FileFetcher(fs, source_root(shard.source)) as fetcher:
-        for chunk in chunks(shard.members, READ_CHUNK):
-            for rel, data in zip(chunk, fetcher.read([f"{root}/{rel}" for rel in chunk]), strict=True):
+        for chunk in chunks(list(zip(shard.members, captions, strict=True)), READ_CHUNK):
+            paths = [f"{root}/{rel}" for rel, _ in chunk] + [f"{root}/{cap}" for _, cap in chunk if cap]
+            contents = iter(fetcher.read(paths))
+            images = [next(contents) for _ in chunk]
+            for (rel, cap), data in zip(chunk, images, strict=True):
                 key = clean_text(rel)  # the path as read stays raw; the id must be valid UTF-8
                 sample_id = prefix + key
+                text = next(contents) if cap else None
                 if isinstance(data, OSError):
                     yield failed_sample(sample_id, key, read_error(data))
-                else:
-                    yield Sample(sample_id=sample_id, key=key, data=data)
+                    continue
+                sample = Sample(sample_id=sample_id, key=key, data=data)
+                if isinstance(text, bytes):
+                    sample.caption = decode_text(text).strip()
+                elif isinstance(text, OSError):
+                    sample.extra["caption_error"] = f"{clean_text(cap)}: {read_error(text)}"
+                yield sample
