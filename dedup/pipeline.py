@@ -37,7 +37,7 @@ from dedup.cluster import bridged_components, components, guarded_components
 from dedup.config import EmbedModel, Pool, RunConfig, save_config
 from dedup.decisions import apply_decisions, load_decisions, review_section
 from dedup.errors import ConfigError, OutputError, SourceError
-from dedup.executors.base import Executor, Markers, merge_stats
+from dedup.executors.base import Executor, Markers, held, merge_stats
 from dedup.executors.local import LocalExecutor
 from dedup.featurize import SCHEMA, FeatureStep
 from dedup.store import Catalog, index_dir, index_lock, open_index, write_index
@@ -101,7 +101,7 @@ def run(
     prog = progress or silent
     out_dir = Path(out)
     evals = open_eval_sets(against)
-    with run_lock(out_dir):
+    with run_lock(out_dir), held(executor):
         phases = PhaseLog()
         shards = discover(sources, folder_batch=cfg.folder_batch)
         refuse_mixed_vectors(None, vector_kinds(shards, cfg), where="")

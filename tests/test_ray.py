@@ -110,3 +110,61 @@ def test_a_ray_started_on_the_spot_is_its_own_with_workers_at_the_drivers_priori
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     address, options = RayExecutor().init_arguments()
     assert address is None and "_system_config" not in options
+
+
+class _FakeRay:
+    """ray's start/stop calls, counted (no cluster): what the executor's lifetime rules see."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.calls: list[str] = []
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def init(self, **_: Any) -> None:
+        self.up = True
+        self.calls.append("init")
+
+    def shutdown(self) -> None:
+        self.up = False
+        self.calls.append("shutdown")
+
+
+def test_one_ray_for_every_stage_of_a_held_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's stages (featurize, pixel hashes, the second look's read and check) share the Ray
+    the executor starts inside ``held`` (started at the first stage with work, shut down at the
+    end), instead of one start and shutdown per stage; a Ray already running is left alone."""
+    import dedup.executors.ray as ray_executor
+    from dedup.executors.base import held
+
+    fake = _FakeRay()
+    monkeypatch.setattr(ray_executor, "_ray", lambda: fake)
+    monkeypatch.setattr(RayExecutor, "_run", lambda self, ray, step, todo, markers, results, *a: results.update({s.shard_id: {} for s in todo}))
+    shards = [Shard(str(tmp_path), str(tmp_path / f"{i}.tar"), ShardKind.WEBDATASET, f"{i}.tar", "s") for i in range(3)]
+
+    def stage(executor: RayExecutor, name: str, todo: list[Shard]) -> None:
+        executor.run(lambda shard, progress=None: {}, todo, markers=Markers(tmp_path / name))
+
+    alone = RayExecutor()
+    stage(alone, "a", shards)
+    stage(alone, "b", shards)
+    assert fake.calls == ["init", "shutdown", "init", "shutdown"]
+
+    fake.calls.clear()
+    kept = RayExecutor()
+    with held(kept):
+        stage(kept, "c", [])  # nothing to do: no Ray started for it
+        assert fake.calls == []
+        for name in ("d", "e", "f"):
+            stage(kept, name, shards)
+        assert fake.calls == ["init"] and fake.up
+    assert fake.calls == ["init", "shutdown"] and not fake.up
+
+    fake.calls.clear()
+    fake.up = True  # the user's own Ray (ray.init before the run): used, never shut down
+    with held(kept):
+        stage(kept, "g", shards)
+    assert fake.calls == [] and fake.up
+    with held(None):  # the local executor has nothing to hold
+        pass

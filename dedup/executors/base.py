@@ -11,7 +11,8 @@ same step objects.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -75,6 +76,15 @@ class Executor(Protocol):
         on_done: OnDone | None = None,
         on_progress: OnProgress | None = None,
     ) -> dict[str, dict[str, Any]]: ...
+
+
+@contextmanager
+def held(executor: object | None) -> Iterator[None]:
+    """Keep ``executor``'s engine up across the stages run inside the block, where it has such a
+    notion (``RayExecutor.held``: one Ray for a whole run); the local executor has none."""
+    hold = getattr(executor, "held", None)
+    with hold() if hold is not None else nullcontext():
+        yield
 
 
 def split_finished(

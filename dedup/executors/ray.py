@@ -19,7 +19,8 @@ import dataclasses
 import logging
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from dedup._types import Shard
@@ -75,6 +76,23 @@ class RayExecutor:
         self.retries = max(0, retries)
         self.cpus_per_worker = cpus_per_worker
         self.init_options = dict(init_options or {})
+        self._holding = False
+        self._started = False
+
+    @contextmanager
+    def held(self) -> Iterator[RayExecutor]:
+        """Inside this block a Ray this executor starts stays up for every stage (shut down
+        at the end), instead of a start and a shutdown around each stage's shards: a run's
+        featurize, pixel-hash, read-back and check stages share one Ray and its start-up
+        (seconds each, more on a loaded machine). Nothing starts until a stage has work."""
+        self._holding = True
+        try:
+            yield self
+        finally:
+            self._holding = False
+            if self._started:
+                self._started = False
+                _ray().shutdown()
 
     def run(
         self,
@@ -90,6 +108,8 @@ class RayExecutor:
             return results
         ray = _ray()
         started = self._connect(ray)
+        if started and self._holding:
+            self._started, started = True, False  # shut down when the hold ends
         try:
             self._run(ray, step, todo, markers, results, on_done, on_progress)
         finally:
