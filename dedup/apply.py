@@ -66,6 +66,7 @@ from dedup.store import IndexedShard, IndexUnreadableError, index_dir, index_loc
 from dedup.sources import discover
 from dedup.sources._common import (
     ENVIRONMENT_ERRORS,
+    FOLDER_METADATA,
     clean_text,
     column_values,
     filesystem,
@@ -654,10 +655,9 @@ def _write_folder(shard: Shard, decision: _Decision, dest: Path, *, link: bool) 
     _missing(shard, decision, written)
 
 
-# Hugging Face ``imagefolder`` metadata: a file of this name describes the images in its folder
-# and below, one row each, naming its image by ``file_name`` (or ``<column>_file_name``)
-# relative to the metadata file's folder.
-FOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+# Hugging Face ``imagefolder`` metadata (:data:`dedup.sources._common.FOLDER_METADATA`): a file
+# of this name describes the images in its folder and below, one row each, naming its image by
+# ``file_name`` (or ``<column>_file_name``) relative to the metadata file's folder.
 
 
 @dataclass(slots=True)

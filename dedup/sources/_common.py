@@ -6,11 +6,13 @@ Every reader maps its metadata (a webdataset ``.json``, a parquet row, a sidecar
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import math
 import os
+import posixpath
 import re
 import stat as stat_module
 import sys
@@ -337,10 +339,55 @@ def has_image_extension(name: str) -> bool:
 CAPTION_EXTENSIONS = (".txt", ".caption")
 
 
+# Hugging Face ``imagefolder`` metadata: a file of this name describes the images in its folder
+# and below, one row each, naming its image by ``file_name`` relative to the file's folder.
+FOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+
+
 def caption_file(rel: str, files: Collection[str]) -> str:
-    """The caption file beside the image ``rel`` among the listed ``files``, or ``""``."""
+    """Where the image ``rel``'s caption is, among the listed ``files``: the caption file beside
+    it, else the nearest ``metadata.jsonl`` / ``metadata.csv`` in its folder or above; ``""``."""
     stem = rel[: rel.rfind(".")] if "." in rel.rpartition("/")[2] else rel
-    return next((stem + ext for ext in CAPTION_EXTENSIONS if stem + ext in files), "")
+    beside = next((stem + ext for ext in CAPTION_EXTENSIONS if stem + ext in files), "")
+    if beside:
+        return beside
+    parts = rel.split("/")[:-1]
+    for depth in range(len(parts), -1, -1):
+        folder = "/".join(parts[:depth])
+        for name in FOLDER_METADATA:
+            if (candidate := f"{folder}/{name}" if folder else name) in files:
+                return candidate
+    return ""
+
+
+def is_folder_metadata(rel: str) -> bool:
+    return rel.rpartition("/")[2] in FOLDER_METADATA
+
+
+def metadata_captions(data: bytes, csv_file: bool) -> dict[str, str]:
+    """``file_name -> caption`` of a Hugging Face imagefolder metadata file (``text``, ``caption``
+    ... as elsewhere); rows without a file name or caption, or not parseable, give none."""
+    text = data.decode("utf-8-sig", errors="replace")
+    if csv_file:
+        rows: Iterable[Any] = csv.DictReader(io.StringIO(text, newline=""))
+    else:
+        rows = (_json_line(line) for line in text.splitlines() if line.strip())
+    out: dict[str, str] = {}
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            continue
+        name = _first_present(row, _CAPTION_FIELDS)
+        caption = _as_str(row[name]) if name is not None else None
+        if caption:
+            out[posixpath.normpath(row["file_name"])] = caption
+    return out
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def pick_image_field(fields: Iterable[str]) -> str | None:

@@ -230,9 +230,9 @@ def _discover_folder(
         members = tuple(images[start : start + folder_batch])
         captions = tuple(caption_file(rel, files) for rel in members)
         captions = captions if any(captions) else ()
-        # A caption file is part of its sample: editing one recomputes the batch.
+        # The stamp is the images': a caption is metadata, read with its image; editing one
+        # later does not make the batch's pixels and embeddings be computed again.
         parts = [f"{rel}\0{stamp(infos[rel])}" for rel in members]
-        parts += [f"{rel}\0{stamp(files[rel])}" for rel in captions if rel]
         shards.append(
             Shard(source, url_of(fs, root), ShardKind.FOLDER, f"{prefix}part-{number:05d}", digest(parts), members, captions)
         )

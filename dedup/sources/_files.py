@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Collection, Iterator
 from dataclasses import replace
 from typing import Any
@@ -20,9 +21,11 @@ from dedup.sources._common import (
     clean_text,
     decode_text,
     failed_sample,
+    is_folder_metadata,
     filesystem,
     is_hidden,
     map_fields,
+    metadata_captions,
     parse_json,
     pick_image_field,
     read_error,
@@ -144,30 +147,40 @@ def read_folder(shard: Shard) -> Iterator[Sample]:
     The bytes are yielded whatever they hold: telling a corrupt image from a good one is the
     decoder's job, and a corrupt file must show up in the manifest as such. A file that cannot
     be read at all (deleted since discovery, no permission) becomes a failed sample, and so
-    does a symlink that leads outside the source (it is not read). A member's caption file
-    (``shard.captions``) is read with it; one that cannot be read leaves the caption empty and
-    says why in the sample's metadata (``caption_error``).
+    does a symlink that leads outside the source (it is not read). A member's caption
+    (``shard.captions``: a caption file beside it, or a Hugging Face ``metadata.jsonl`` /
+    ``.csv`` row naming it) is read with it; one that cannot be read leaves the caption empty
+    and says why in the sample's metadata (``caption_error``).
     """
     fs, root = filesystem(shard.path)
     root = root.rstrip("/")
     # Folder batch ids are "part-00000" or "s1/part-00000": sample ids take the same prefix.
     prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
     captions = shard.captions or ("",) * len(shard.members)
+    tables: dict[str, dict[str, str] | OSError] = {}  # a metadata file, read once per batch
     with FileFetcher(fs, source_root(shard.source)) as fetcher:
         for chunk in chunks(list(zip(shard.members, captions, strict=True)), READ_CHUNK):
-            paths = [f"{root}/{rel}" for rel, _ in chunk] + [f"{root}/{cap}" for _, cap in chunk if cap]
-            contents = iter(fetcher.read(paths))
+            files = [cap for _, cap in chunk if cap and not is_folder_metadata(cap)]
+            new = sorted({cap for _, cap in chunk if is_folder_metadata(cap)} - set(tables))
+            contents = iter(fetcher.read([f"{root}/{rel}" for rel, _ in chunk] + [f"{root}/{f}" for f in files + new]))
             images = [next(contents) for _ in chunk]
+            texts = {f: next(contents) for f in files}
+            for meta in new:
+                data = next(contents)
+                tables[meta] = data if isinstance(data, OSError) else metadata_captions(data, meta.endswith(".csv"))
             for (rel, cap), data in zip(chunk, images, strict=True):
                 key = clean_text(rel)  # the path as read stays raw; the id must be valid UTF-8
                 sample_id = prefix + key
-                text = next(contents) if cap else None
                 if isinstance(data, OSError):
                     yield failed_sample(sample_id, key, read_error(data))
                     continue
                 sample = Sample(sample_id=sample_id, key=key, data=data)
-                if isinstance(text, bytes):
-                    sample.caption = decode_text(text).strip()
-                elif isinstance(text, OSError):
-                    sample.extra["caption_error"] = f"{clean_text(cap)}: {read_error(text)}"
+                found = tables[cap] if is_folder_metadata(cap) else texts.get(cap)
+                if isinstance(found, OSError):
+                    sample.extra["caption_error"] = f"{clean_text(cap)}: {read_error(found)}"
+                elif isinstance(found, bytes):
+                    sample.caption = decode_text(found).strip()
+                elif isinstance(found, dict):
+                    folder = cap.rpartition("/")[0]
+                    sample.caption = found.get(posixpath.relpath(rel, folder) if folder else rel)
                 yield sample
