@@ -34,7 +34,7 @@ from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
 from dedup.cluster import bridged_components, components, guarded_components
-from dedup.config import EmbedModel, Pool, RunConfig, save_config
+from dedup.config import EmbedModel, RunConfig, save_config
 from dedup.decisions import apply_decisions, load_decisions, review_section
 from dedup.errors import ConfigError, OutputError, SourceError
 from dedup.executors.base import Executor, Markers, held, merge_stats
@@ -197,7 +197,7 @@ def featurize(
     features_dir = work / FEATURES
     features_dir.mkdir(parents=True, exist_ok=True)
     step = FeatureStep(config=cfg, out_dir=features_dir)
-    runner = executor or LocalExecutor(workers=cfg.workers, threads=cfg.pool is Pool.THREADS)
+    runner = executor or LocalExecutor(workers=cfg.workers, threads=cfg.local_threads())
     with progress("fingerprint + embed", None, "img") as bar:
         seen = {"shards": 0, "failed": 0}
 
