@@ -92,7 +92,7 @@ def run(
     phash_distance: Annotated[int | None, typer.Option(help="Max pHash Hamming distance (-1: off).")] = None,
     keep: Annotated[KeepPolicy | None, typer.Option(help="Which sample of a cluster to keep.")] = None,
     keep_column: Annotated[str | None, typer.Option(help="Metadata column for --keep column (highest wins), e.g. AESTHETIC_SCORE.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Shards processed at once (worker processes; config key pool = \"threads\" for threads of one process).", min=1)] = None,
+    workers: Annotated[int | None, typer.Option(help="Shards processed at once (worker processes; threads of this process with --model none; config key pool).", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per model call (default: 8 on the CPU, 64 on a GPU).", min=1)] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Refuse images declaring more pixels than this, before decoding them (decompression bombs); such images are failed rows.", min=1)] = None,
@@ -264,7 +264,7 @@ def check(
     update: Annotated[bool, typer.Option("--update", help="When the gate passes, add the drop to the baseline's index (as `dedup index add`).")] = False,
     work: Annotated[Path | None, typer.Option(help="Keep the drop's features here (default: a temporary folder); a rerun resumes from it.")] = None,
     disk_check: Annotated[bool, typer.Option("--disk-check/--no-disk-check", help="With --update: estimate the disk the add needs and stop before starting when free space is short.")] = True,
-    workers: Annotated[int | None, typer.Option(help="Shards processed at once (worker processes; config key pool = \"threads\" for threads of one process).", min=1)] = None,
+    workers: Annotated[int | None, typer.Option(help="Shards processed at once (worker processes; threads of this process with --model none; config key pool).", min=1)] = None,
     quiet: Quiet = False,
 ) -> None:
     """Gate a new drop on its duplicates: within itself and against a baseline index.
@@ -359,7 +359,7 @@ app.add_typer(index_app, name="index")
 def index_add(
     sources: Annotated[list[str], typer.Argument(help="Folders, files or URLs to add (new sources, or sources of the index that gained shards).", show_default=False)],
     index: Annotated[Path, typer.Option("--index", "-i", help="The --out folder of the `dedup run` whose index grows.")],
-    workers: Annotated[int | None, typer.Option(help="Shards processed at once (worker processes; config key pool = \"threads\" for threads of one process).", min=1)] = None,
+    workers: Annotated[int | None, typer.Option(help="Shards processed at once (worker processes; threads of this process with --model none; config key pool).", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per model call (default: 8 on the CPU, 64 on a GPU).", min=1)] = None,
     disk_check: Annotated[bool, typer.Option("--disk-check/--no-disk-check", help="Estimate the disk the add needs (new checkpoints, search scratch, rewritten outputs) and stop before starting when free space is short.")] = True,
     decisions: Annotated[list[Path] | None, typer.Option("--decisions", help="A decisions.parquet of `dedup review` (e.g. of another run over the same data) to honour besides OUT/decisions.parquet: different = never in one cluster, same = one cluster. Repeatable.")] = None,

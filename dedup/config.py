@@ -35,6 +35,7 @@ class EmbedModel(StrEnum):
 class Pool(StrEnum):
     """What runs a local run's shards side by side (``workers`` of them)."""
 
+    AUTO = "auto"  # threads when the per-shard step loads no model (embed.model none), else processes
     THREADS = "threads"  # threads of the run's own process: one Python, one model in memory
     PROCESSES = "processes"  # spawned worker processes, each with its own Python and model
 
@@ -226,8 +227,18 @@ class RunConfig:
     workers: int = 0  # shards processed at once; 0 = one per core
     # what processes them side by side on this machine (Pool). Threads share one process and
     # model, same manifest (bench v2 test, docs/speed.md): --model none 0.67x the peak memory and
-    # 0.92x the CPU, but the default preset 1.14x the CPU and no less memory: processes stay.
-    pool: Pool = Pool.PROCESSES
+    # 0.92x the CPU, but the default preset 1.14x the CPU and no less memory. "auto": threads
+    # where no model is loaded (each spawned worker would pay its own Python and imports for
+    # hashing alone), processes where one is.
+    pool: Pool = Pool.AUTO
+
+    def local_threads(self) -> bool:
+        """Whether a local run's shards (and its second look's tasks) run on threads of the
+        run's own process rather than on spawned worker processes (``pool``; ``auto``: threads
+        when no model is loaded). Either gives the same manifest."""
+        if self.pool is Pool.AUTO:
+            return self.embed.model is EmbedModel.NONE
+        return self.pool is Pool.THREADS
 
     def with_overrides(self, overrides: dict[str, Any]) -> Self:
         """A copy with dotted keys replaced, e.g. ``{"search.threshold": 0.9}``; None is ignored."""

@@ -34,7 +34,7 @@ from dedup._progress import ProgressFactory, silent
 from dedup._io import atomic_write_text, is_temp_name, make_out_dir, output_errors, remove_stale_temps
 from dedup._types import Shard, ShardKind
 from dedup.cluster import bridged_components, components, guarded_components
-from dedup.config import EmbedModel, Pool, RunConfig, save_config
+from dedup.config import EmbedModel, RunConfig, save_config
 from dedup.decisions import apply_decisions, load_decisions, review_section
 from dedup.errors import ConfigError, OutputError, SourceError
 from dedup.executors.base import Executor, Markers, held, merge_stats
@@ -197,7 +197,7 @@ def featurize(
     features_dir = work / FEATURES
     features_dir.mkdir(parents=True, exist_ok=True)
     step = FeatureStep(config=cfg, out_dir=features_dir)
-    runner = executor or LocalExecutor(workers=cfg.workers, threads=cfg.pool is Pool.THREADS)
+    runner = executor or LocalExecutor(workers=cfg.workers, threads=cfg.local_threads())
     with progress("fingerprint + embed", None, "img") as bar:
         seen = {"shards": 0, "failed": 0}
 
@@ -419,8 +419,10 @@ def _index_model(shard_stats: dict[str, Any], vectors: np.ndarray, cfg: RunConfi
 
 
 class PhaseLog:
-    """Per global phase: wall time and peak resident memory, to stderr when ``DEDUP_PHASES`` is
-    set (bench/scale.py sets it): where the time and memory of a run go.
+    """Per global phase: wall time, peak resident memory and CPU time, to stderr when
+    ``DEDUP_PHASES`` is set (bench/scale.py sets it): where the time and memory of a run go.
+    The CPU is this process's and its ended children's (a local pool's worker processes count
+    in the phase their pool shut down in).
 
     The peak is the kernel's high-water mark (``VmHWM``), reset after each phase through
     ``/proc/self/clear_refs``, so each line gives that phase's own peak; the run's peak is the
@@ -431,6 +433,7 @@ class PhaseLog:
     def __init__(self) -> None:
         self.on = bool(os.environ.get("DEDUP_PHASES"))
         self.start = time.perf_counter()
+        self.cpu = _cpu_s()
         self.peak = 0.0
         self.exact = self.on and _reset_hwm()
         if self.on and not self.exact:
@@ -453,12 +456,26 @@ class PhaseLog:
             self.exact = _reset_hwm()
         else:
             peak = max(self.peak, rss)
-        print(f"[phase] {phase}: {now - self.start:.1f} s, peak RSS {peak:.2f} GiB, at the end {rss:.2f} GiB", file=sys.stderr, flush=True)
-        self.start, self.peak = now, rss
+        cpu = _cpu_s()
+        print(
+            f"[phase] {phase}: {now - self.start:.1f} s, peak RSS {peak:.2f} GiB, at the end {rss:.2f} GiB, "
+            f"CPU {cpu - self.cpu:.2f} s",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        self.start, self.peak, self.cpu = now, rss, cpu
 
     def close(self) -> None:
         if self.on and not self.exact and hasattr(self, "_stop"):
             self._stop.set()
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its children that have ended (the
+    worker processes of a local pool once it shuts down; not Ray's, which are not ours)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _reset_hwm() -> bool:

@@ -155,18 +155,20 @@ class FeatureRows:
         schema = pa.schema([self.schema.field(c) for c in columns])
         # Columns the file's statistics say are all null (hashes of precomputed embeddings)
         # are not read: lazily zeroed nulls stand in (see null_array).
-        n, empty = self._empty_columns(part)
+        # One open file for its footer and its columns: pq.read_table goes through
+        # pyarrow.dataset, ~0.8 ms more a call, and the global stage reads ~30 times a part.
+        file = pq.ParquetFile(part)
+        n, empty = self._empty_columns(file.metadata)
         wanted = [c for c in columns if c not in empty]
-        read = pq.read_table(part, columns=wanted, schema=self.schema).select(wanted) if wanted else None
+        read = file.read(columns=wanted) if wanted else None
         arrays = [
             null_array(schema.field(c).type, n) if c in empty else read.column(c).cast(schema.field(c).type)  # type: ignore[union-attr]
             for c in columns
         ]
         return pa.Table.from_arrays(arrays, schema=schema)
 
-    def _empty_columns(self, path: Path) -> tuple[int, set[str]]:
+    def _empty_columns(self, meta: pq.FileMetaData) -> tuple[int, set[str]]:
         """Rows of a file and the columns its statistics say are null in every row."""
-        meta = pq.ParquetFile(path).metadata
         n = meta.num_rows
         empty: set[str] = set()
         for index, name in enumerate(meta.schema.names):

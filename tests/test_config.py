@@ -40,6 +40,19 @@ def test_default_is_the_measured_trade_off() -> None:
     assert cfg.search.report_thresholds == (0.95, 0.5)
 
 
+def test_auto_pool_threads_only_without_a_model() -> None:
+    """pool = "auto" (the default): threads where the per-shard step loads no model (the hash
+    path: a spawned worker would pay its own Python and imports for hashing alone), worker
+    processes where it loads one; "threads" and "processes" hold whatever the model."""
+    default = load_config("default")
+    assert default.pool == "auto" and not default.local_threads()
+    assert default.with_overrides({"embed.model": "none"}).local_threads()
+    assert not default.with_overrides({"embed.model": "none", "pool": "processes"}).local_threads()
+    assert default.with_overrides({"pool": "threads"}).local_threads()
+    with pytest.raises(ConfigError):
+        RunConfig().with_overrides({"pool": "fibres"})
+
+
 def test_overrides_are_typed_and_none_is_ignored() -> None:
     cfg = RunConfig().with_overrides({"search.threshold": 0.8, "keep.policy": "largest", "workers": None})
     assert cfg.search.threshold == 0.8 and cfg.keep.policy is KeepPolicy.LARGEST and cfg.workers == 0

@@ -190,6 +190,20 @@ def test_two_workers_give_the_same_manifest(sample_images_dir: PlantedDataset, t
     assert (tmp_path / "one" / "manifest.parquet").read_bytes() == (tmp_path / "threads" / "manifest.parquet").read_bytes()
 
 
+def test_hash_path_threads_by_default_same_manifest(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
+    """--model none runs its shards on threads by default (pool = "auto"): the same manifest
+    and keep list, byte for byte, as worker processes and as one worker."""
+    root, _ = sample_images_dir
+    hashes = PLAIN.with_overrides({"embed.model": "none", "folder_batch": 4, "workers": 2})
+    assert hashes.local_threads()
+    run([str(root)], tmp_path / "auto", config=hashes)
+    run([str(root)], tmp_path / "processes", config=hashes.with_overrides({"pool": "processes"}))
+    run([str(root)], tmp_path / "one", config=hashes.with_overrides({"workers": 1}))
+    for other in ("processes", "one"):
+        for name in ("manifest.parquet", "keep.parquet"):
+            assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / other / name).read_bytes()
+
+
 def test_copy_of_output_folder_is_still_resumable(sample_images_dir: PlantedDataset, tmp_path: Path) -> None:
     root, _ = sample_images_dir
     run([str(root)], tmp_path / "a", config=FAST)

@@ -54,7 +54,7 @@ from dedup._io import atomic_path, atomic_write_text
 from dedup._progress import ProgressFactory, silent
 from dedup._types import Shard
 from dedup.cluster import components
-from dedup.config import Pool, RunConfig, Verifier
+from dedup.config import RunConfig, Verifier
 from dedup.embed import Embedder, build_embedder
 from dedup.errors import SampleError
 from dedup.executors.base import Executor, Markers, shard_file_name
@@ -482,7 +482,7 @@ def verify_candidates(
                 np.save(fh, table[lo:hi])
         check_shards.append(shards[k])
     del table, home
-    runner = executor or LocalExecutor(workers=cfg.workers, threads=cfg.pool is Pool.THREADS)
+    runner = executor or LocalExecutor(workers=cfg.workers, threads=cfg.local_threads())
     reader = ReadStep(config=cfg, root=root)
     checker = CheckStep(config=cfg, root=root, names=names)
     read_markers = Markers(root / "done-read", outputs=reader.paths)
