@@ -75,7 +75,7 @@ def _part(name: str) -> str:
     for part, patterns in _PARTS:
         if any(p in name for p in patterns):
             return part
-    return "python (the kernel's own code)"
+    return "python lines and numpy operators (the kernel's own)"
 
 
 def _breakdown(prof: cProfile.Profile) -> tuple[dict[str, float], dict[str, int]]:
@@ -157,7 +157,7 @@ def _propose_cpu(run: Path, cfg: Any, shards: list[Any], rounds: int) -> tuple[f
     rows, vectors, _ = pipeline.featurize(shards, work, cfg, lazy=True)
     rows_of = as_rows(rows)
     edges, _ = find_edges(rows_of, vectors, cfg)
-    step = FeatureStep(config=cfg, out_dir=work)
+    step = FeatureStep(config=cfg, out_dir=work / pipeline.FEATURES)
     regions = RegionFiles.of([step.regions_path(s) for s in shards]) if cfg.search.partial else None
     embedded = np.flatnonzero(rows_of.flags("embedded"))
     use = (rows_of.flags("has_image") & rows_of.equals("status", "ok"))[embedded]
