@@ -42,8 +42,6 @@ def test_edges_at_the_threshold_itself() -> None:
         grey = np.zeros((40, 40), np.float32)
         grey[:, 20:] = v
         grey[10:30, 5:15] = v * np.float32(0.75)  # oblique magnitudes near it too, at the corners
-        gx, gy = cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)
-        squared = gx * gx + gy * gy
         assert np.array_equal(g._edges(grey), _plain_edges(grey)), v
     grey = np.zeros((40, 40), np.float32)
     grey[:, 20:] = target
