@@ -11,8 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from _data import natural_image
 from PIL import Image, ImageDraw, ImageOps
+from test_regions import _picture
 
 from dedup.second_look import geometry as g
 
@@ -47,17 +47,6 @@ def test_edges_at_the_threshold_itself() -> None:
     grey[:, 20:] = target
     squared = cv2.Sobel(grey, cv2.CV_32F, 1, 0) ** 2
     assert ((squared > g._EDGE_MAYBE) & (squared < g._EDGE_SURE)).any()  # the hypot fallback ran
-
-
-def _picture(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
-    img = natural_image(seed, size)
-    rng = np.random.default_rng(seed)
-    draw = ImageDraw.Draw(img)
-    for _ in range(14):
-        x, y = rng.integers(0, size[0] - 30), rng.integers(0, size[1] - 30)
-        w, h = rng.integers(10, 60, size=2)
-        draw.rectangle((x, y, x + w, y + h), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return img
 
 
 def _pairs() -> list[tuple[Image.Image, Image.Image]]:
