@@ -65,6 +65,7 @@ from dedup.errors import ConfigError, OutputError, SourceError
 from dedup.store import IndexedShard, IndexUnreadableError, index_dir, index_lock, read_index
 from dedup.sources import discover
 from dedup.sources._common import (
+    CAPTION_EXTENSIONS,
     ENVIRONMENT_ERRORS,
     FOLDER_METADATA,
     clean_text,
@@ -618,10 +619,10 @@ def _write_files(shard: Shard, decision: _Decision, dest: Path, *, link: bool) -
     _write_stats(shard, shard.path.rstrip("/"), target, decision, listed or written)
 
 
-# Files beside an image that belong to it (``cat.jpg`` + ``cat.txt``): the captions and tags of
-# fine-tuning folders (kohya's ``.txt`` / ``.caption``, tag lists, per-image JSON). They go with
-# a kept image and stay behind with a removed one.
-FOLDER_SIDECARS = (".txt", ".caption", ".tags", ".json")
+# Files beside an image that belong to it (``cat.jpg`` + ``cat.txt``): the captions a run reads
+# (:data:`~dedup.sources._common.CAPTION_EXTENSIONS`), tag lists and per-image JSON of
+# fine-tuning folders. They go with a kept image and stay behind with a removed one.
+FOLDER_SIDECARS = (*CAPTION_EXTENSIONS, ".tags", ".json")
 
 
 def _folder_prefix(shard: Shard) -> str:

@@ -582,6 +582,24 @@ def test_hugging_face_imagefolder_metadata_captions(tmp_path: Path) -> None:
     assert gone["b/c.PNG"].caption is None and gone["b/c.PNG"].extra["caption_error"].startswith("b/metadata.csv: unreadable file")
 
 
+def test_a_shared_metadata_file_is_parsed_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One metadata.jsonl at the root describes every batch: parsed once, not once per batch,
+    # and parsed again once it changes.
+    import dedup.sources._files as files
+
+    root = _photo_folder(tmp_path / "photos")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.jpg", "text": "first"}) + "\n")
+    parsed: list[bytes] = []
+    real = files.metadata_captions
+    monkeypatch.setattr(files, "metadata_captions", lambda data, csv_file: parsed.append(data) or real(data, csv_file))
+    shards = discover([str(root)], folder_batch=1)
+    assert len(shards) == 4 and all(s.captions == ("metadata.jsonl",) for s in shards)
+    captions = {s.sample_id: s.caption for shard in shards for s in read_shard(shard)}
+    assert captions["a.jpg"] == "first" and len(parsed) == 1
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.jpg", "text": "second, longer"}) + "\n")
+    assert [s.caption for s in read_shard(shards[0])] == ["second, longer"] and len(parsed) == 2
+
+
 def test_read_samples_opens_only_the_named_files_of_a_folder_batch(tmp_path: Path) -> None:
     # Reading a few images back (the second look, thumbnails) opens just those files; a named
     # file gone since discovery is still a failed sample, and other kinds stream the whole shard.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
 from collections.abc import Collection, Iterator
 from dataclasses import replace
 from typing import Any
@@ -32,6 +33,7 @@ from dedup.sources._common import (
     read_sidecar,
     source_root,
     split_name,
+    stamp,
 )
 
 MISSING = "missing from folder"
@@ -157,17 +159,15 @@ def read_folder(shard: Shard) -> Iterator[Sample]:
     # Folder batch ids are "part-00000" or "s1/part-00000": sample ids take the same prefix.
     prefix = shard.shard_id[: shard.shard_id.rfind("/") + 1]
     captions = shard.captions or ("",) * len(shard.members)
-    tables: dict[str, dict[str, str] | OSError] = {}  # a metadata file, read once per batch
+    tables: dict[str, dict[str, str] | OSError] = {}  # a metadata file, looked up once per batch
     with FileFetcher(fs, source_root(shard.source)) as fetcher:
         for chunk in chunks(list(zip(shard.members, captions, strict=True)), READ_CHUNK):
             files = [cap for _, cap in chunk if cap and not is_folder_metadata(cap)]
-            new = sorted({cap for _, cap in chunk if is_folder_metadata(cap)} - set(tables))
-            contents = iter(fetcher.read([f"{root}/{rel}" for rel, _ in chunk] + [f"{root}/{f}" for f in files + new]))
+            for meta in sorted({cap for _, cap in chunk if is_folder_metadata(cap)} - set(tables)):
+                tables[meta] = _metadata(fs, fetcher, f"{root}/{meta}")
+            contents = iter(fetcher.read([f"{root}/{rel}" for rel, _ in chunk] + [f"{root}/{f}" for f in files]))
             images = [next(contents) for _ in chunk]
             texts = {f: next(contents) for f in files}
-            for meta in new:
-                data = next(contents)
-                tables[meta] = data if isinstance(data, OSError) else metadata_captions(data, meta.endswith(".csv"))
             for (rel, cap), data in zip(chunk, images, strict=True):
                 key = clean_text(rel)  # the path as read stays raw; the id must be valid UTF-8
                 sample_id = prefix + key
@@ -184,3 +184,31 @@ def read_folder(shard: Shard) -> Iterator[Sample]:
                     folder = cap.rpartition("/")[0]
                     sample.caption = found.get(posixpath.relpath(rel, folder) if folder else rel)
                 yield sample
+
+
+# A Hugging Face metadata file describes every batch below it (one at the root: all of them), so
+# each process parses it once, keyed by its path and stamp, not once per batch of 1,000 images.
+_PARSED: dict[tuple[str, str], dict[str, str]] = {}
+_PARSED_LOCK = threading.Lock()
+_PARSED_KEEP = 4
+
+
+def _metadata(fs: fsspec.AbstractFileSystem, fetcher: FileFetcher, path: str) -> dict[str, str] | OSError:
+    """``file_name -> caption`` of the metadata file ``path``, or why it cannot be read."""
+    try:
+        key: tuple[str, str] | None = (path, stamp(fs.info(path)))
+    except Exception:  # gone, unreadable, a remote store's own error: the read below says why
+        key = None
+    with _PARSED_LOCK:
+        if key is not None and key in _PARSED:
+            return _PARSED[key]
+    (data,) = fetcher.read([path])
+    if isinstance(data, OSError):
+        return data
+    table = metadata_captions(data, path.endswith(".csv"))
+    if key is not None:
+        with _PARSED_LOCK:
+            _PARSED[key] = table
+            while len(_PARSED) > _PARSED_KEEP:
+                _PARSED.pop(next(iter(_PARSED)))
+    return table
